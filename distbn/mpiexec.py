@@ -51,7 +51,7 @@ def find_mpiexec(explicit: str | None = None) -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mpiexec_flavour(mpiexec: str) -> str:
     """'hydra' (MPICH, Intel MPI), 'openmpi', or 'unknown', from `mpiexec --version`."""
     try:

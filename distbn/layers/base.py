@@ -179,13 +179,13 @@ class Layer:
                 f"layer {self.name!r} expects {len(self._weights)} weights "
                 f"({', '.join(w.name for w in self._weights)}), got {len(weights)}"
             )
-        for var, value in zip(self._weights, weights):
+        for var, value in zip(self._weights, weights, strict=True):
             if np.shape(value) != var.shape:
                 raise ValueError(
                     f"layer {self.name!r}: weight {var.name!r} has shape {var.shape}, "
                     f"got a value of shape {np.shape(value)}"
                 )
-        for var, value in zip(self._weights, weights):
+        for var, value in zip(self._weights, weights, strict=True):
             var.assign(value)
 
     def regularization_losses(self) -> list[float]:
