@@ -39,7 +39,7 @@ def environment(comm=None) -> dict:
         "numpy": np.__version__,
         "blas": blas_info(),
         "mpi4py": mpi4py.__version__,
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0].strip(),
+        "mpi_library": " ".join(MPI.Get_library_version().strip().splitlines()[0].split()),
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "world_size": comm.size,
         "ranks": ranks,

@@ -1,0 +1,77 @@
+"""Shared `get`/`serialize` plumbing for initializers, regularizers and constraints.
+
+Keras 3 names these objects by a string (class name or snake_case alias), by a
+serialized dict `{"module", "class_name", "config", "registered_name"}`, or by the
+object itself; distbn resolves all three the same way for each family.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+__all__ = ["resolve", "serialize"]
+
+
+def resolve(identifier, table: dict, kind: str, module: str):
+    """Turn a name, Keras dict, class, instance or callable into an object of a family.
+
+    Args:
+        identifier: the value given by the user (not None).
+        table: name -> class or factory (classes are instantiated with no arguments).
+        kind: the family's name for error messages, e.g. "initializer".
+        module: the Keras module of the family, e.g. "keras.initializers".
+
+    Returns:
+        A callable object.
+    """
+    if isinstance(identifier, dict):
+        class_name = identifier.get("class_name")
+        if class_name not in table:
+            raise ValueError(f"Could not interpret {kind} identifier: {identifier!r}")
+        given_module = identifier.get("module")
+        if given_module not in (None, module, "builtins"):
+            raise ValueError(
+                f"{kind} dict has module {given_module!r}, expected {module!r}: {identifier!r}"
+            )
+        config = identifier.get("config") or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{kind} dict has a non-dict config: {identifier!r}")
+        try:
+            return table[class_name](**config)
+        except TypeError as err:
+            raise ValueError(f"bad config for {kind} {class_name!r}: {config!r} ({err})") from err
+    if isinstance(identifier, str):
+        if identifier not in table:
+            raise ValueError(
+                f"Could not interpret {kind} identifier: {identifier!r} "
+                f"(known: {', '.join(sorted(table))})"
+            )
+        return table[identifier]()
+    if inspect.isclass(identifier):
+        return identifier()
+    if callable(identifier):
+        return identifier
+    raise ValueError(f"Could not interpret {kind} identifier: {identifier!r}")
+
+
+def serialize(obj, module: str):
+    """The Keras 3 serialized form of an object with `get_config` (None stays None).
+
+    Args:
+        obj: an initializer, regularizer or constraint, a plain function, or None.
+        module: the Keras module name written into the dict.
+
+    Returns:
+        None, a dict `{"module", "class_name", "config", "registered_name"}`, or, for a
+        plain function, its name (which only round-trips if it is a registered name).
+    """
+    if obj is None:
+        return None
+    if hasattr(obj, "get_config"):
+        return {
+            "module": module,
+            "class_name": getattr(obj, "keras_name", type(obj).__name__),
+            "config": obj.get_config(),
+            "registered_name": None,
+        }
+    return getattr(obj, "__name__", repr(obj))
