@@ -72,7 +72,9 @@ class Variable:
 
 
 def _snake_case(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+    # Keras' naming rule: "Conv2D" -> "conv2d", "MaxPooling2D" -> "max_pooling2d".
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 _NAME_COUNTS: collections.Counter = collections.Counter()
@@ -189,8 +191,12 @@ class Layer:
             var.assign(value)
 
     def regularization_losses(self) -> list[float]:
-        """Penalties of the weights' regularizers at their current values."""
-        return [float(w.regularizer(w.value)) for w in self._weights if w.regularizer]
+        """Penalties of the trainable weights' regularizers at their current values.
+
+        As Keras: a frozen layer (or a non-trainable weight) contributes no penalty.
+        """
+        return [float(w.regularizer(w.value)) for w in self.trainable_weights
+                if w.regularizer is not None]
 
     def add_regularization_grads(self) -> None:
         """Add each regularizer's gradient to its (trainable) weight's grad."""

@@ -1,0 +1,186 @@
+"""Conv2D (Keras 3 arguments): im2col forward, per-kernel-position backward."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from distbn.layers import _common, activations
+from distbn.layers.base import Layer
+from distbn.layers.core import _no_activity_regularizer
+
+__all__ = ["Conv2D"]
+
+
+def window_slice(offset: int, stride: int, out: int) -> slice:
+    """The input positions kernel tap `offset` touches for `out` outputs at `stride`."""
+    return slice(offset, offset + stride * (out - 1) + 1, stride)
+
+
+class Conv2D(Layer):
+    """2-D convolution (cross-correlation, as Keras): `activation(conv(x, kernel) + bias)`.
+
+    The kernel has Keras' shape (kh, kw, in_channels, filters) in both data formats.
+
+    Args:
+        filters: positive int, number of output channels.
+        kernel_size: int or (kh, kw).
+        strides: int or (sh, sw); default 1.
+        padding: "valid" or "same" (TF/Keras arithmetic: the odd pixel goes after).
+        data_format: "channels_last" (NHWC, default) or "channels_first" (NCHW).
+        dilation_rate: int or (dh, dw); > 1 only with strides 1 (as Keras).
+        groups: must be 1 (grouped convolution is not implemented).
+        activation: Keras activation name or None.
+        use_bias: whether to add a bias per filter.
+        kernel_initializer, bias_initializer: initializer identifiers.
+        kernel_regularizer, bias_regularizer: regularizer identifiers or None.
+        activity_regularizer: must be None (accepted for Keras configs).
+        kernel_constraint, bias_constraint: constraint identifiers or None.
+        **kwargs: `name`, `dtype`, `trainable`.
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid",
+                 data_format=None, dilation_rate=(1, 1), groups=1, activation=None,
+                 use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, activity_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = _common.check_positive_int(filters, "filters")
+        self.kernel_size = _common.normalize_tuple(kernel_size, 2, "kernel_size")
+        self.strides = _common.normalize_tuple(strides, 2, "strides")
+        self.padding = _common.normalize_padding(padding)
+        self.data_format = _common.normalize_data_format(data_format)
+        self.dilation_rate = _common.normalize_tuple(dilation_rate, 2, "dilation_rate")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                "strides > 1 is not supported together with dilation_rate > 1, got "
+                f"strides={self.strides}, dilation_rate={self.dilation_rate}"
+            )
+        if groups != 1:
+            raise ValueError(f"only groups=1 is supported, got groups={groups!r}")
+        self.groups = 1
+        self.activation = activations.get(activation)
+        self.use_bias = bool(use_bias)
+        _no_activity_regularizer(self.name, activity_regularizer)
+        _common.resolve_weight_args(
+            self, ("kernel", "bias"),
+            {"kernel": kernel_initializer, "bias": bias_initializer},
+            {"kernel": kernel_regularizer, "bias": bias_regularizer},
+            {"kernel": kernel_constraint, "bias": bias_constraint},
+        )
+        self.kernel = None
+        self.bias = None
+        self._cache = None
+
+    def _channel_axis(self) -> int:
+        return 1 if self.data_format == "channels_first" else -1
+
+    def build(self, input_shape) -> None:
+        """Create `kernel` (kh, kw, in_channels, filters) and `bias` (filters,)."""
+        input_shape = tuple(input_shape)
+        channels = input_shape[self._channel_axis()] if len(input_shape) == 4 else None
+        if channels is None:
+            raise ValueError(
+                f"Conv2D {self.name!r} needs a 4-D input with a known channel axis "
+                f"({self.data_format}), got input_shape={input_shape}"
+            )
+        self.kernel = self.add_weight("kernel", self.kernel_size + (channels, self.filters),
+                                      self.kernel_initializer,
+                                      regularizer=self.kernel_regularizer,
+                                      constraint=self.kernel_constraint)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer,
+                                        regularizer=self.bias_regularizer,
+                                        constraint=self.bias_constraint)
+        super().build(input_shape)
+
+    def _out_hw(self, h, w) -> tuple:
+        return tuple(
+            _common.conv_output_length(n, k, self.padding, s, d)
+            for n, k, s, d in zip((h, w), self.kernel_size, self.strides, self.dilation_rate,
+                                  strict=True)
+        )
+
+    def call(self, x, training=None, mask=None):
+        """Forward pass: pad, im2col (sliding_window_view), one matmul."""
+        x = _common.cast(x, self.compute_dtype)
+        cin = self.kernel.shape[2]
+        if x.ndim != 4 or x.shape[self._channel_axis()] != cin:
+            raise ValueError(
+                f"Conv2D {self.name!r} expects a 4-D {self.data_format} input with {cin} "
+                f"channels, got shape {x.shape}"
+            )
+        xl = _common.to_channels_last(x, self.data_format)
+        n, h, w, _ = xl.shape
+        ho, wo = self._out_hw(h, w)
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"Conv2D {self.name!r}: input spatial size {(h, w)} is smaller than the "
+                f"(dilated) kernel {self.kernel_size} with padding={self.padding!r}"
+            )
+        pads = _common.pad_amounts((h, w), self.kernel_size, self.strides,
+                                   self.dilation_rate, self.padding)
+        xp = np.pad(xl, [(0, 0), *pads, (0, 0)]) if any(sum(p) for p in pads) else xl
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
+        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+        win = win[:, ::sh, ::sw, :, ::dh, ::dw][:, :ho, :wo]  # (n, ho, wo, cin, kh, kw)
+        # Copy into the im2col matrix with channels innermost: contiguous runs to copy,
+        # and rows ordered (kh, kw, cin) like the Keras kernel, so no kernel transpose.
+        cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * cin)
+        kernel = _common.cast(self.kernel.value, self.compute_dtype)
+        wmat = kernel.reshape(kh * kw * cin, self.filters)
+        z = (cols @ wmat).reshape(n, ho, wo, self.filters)
+        if self.use_bias:
+            z += _common.cast(self.bias.value, self.compute_dtype)
+        y = self.activation(z)
+        self._cache = (cols, xp.shape, pads, (h, w), z, y)
+        self.losses = self.regularization_losses()
+        return _common.from_channels_last(y, self.data_format)
+
+    def backward(self, dy):
+        """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients).
+
+        The input gradient scatters one matmul per kernel tap (kh*kw of them) into
+        strided views of the padded input; a tap never hits one element twice.
+        """
+        if self._cache is None:
+            raise RuntimeError(f"Conv2D {self.name!r}: backward called before a forward call")
+        cols, padded_shape, pads, (h, w), z, y = self._cache
+        dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
+        dz = self.activation.backward(dy, z, y)
+        n, ho, wo, f = dz.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
+        cin = self.kernel.shape[2]
+        dz2 = dz.reshape(-1, f)
+        self.kernel.grad = (cols.T @ dz2).reshape(kh, kw, cin, f).astype(self.kernel.dtype)
+        if self.use_bias:
+            self.bias.grad = dz2.sum(axis=0).astype(self.bias.dtype)
+        self.add_regularization_grads()
+        kernel = _common.cast(self.kernel.value, self.compute_dtype)
+        dxp = np.zeros(padded_shape, dtype=dz.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                dxp[:, window_slice(i * dh, sh, ho), window_slice(j * dw, sw, wo), :] += (
+                    dz @ kernel[i, j].T)
+        (pt, _), (pl, _) = pads
+        dx = dxp[:, pt:pt + h, pl:pl + w, :]
+        return _common.from_channels_last(np.ascontiguousarray(dx), self.data_format)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if self.data_format == "channels_first":
+            ho, wo = self._out_hw(*input_shape[2:4])
+            return (input_shape[0], self.filters, ho, wo)
+        ho, wo = self._out_hw(*input_shape[1:3])
+        return (input_shape[0], ho, wo, self.filters)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({
+            "filters": self.filters, "kernel_size": self.kernel_size, "strides": self.strides,
+            "padding": self.padding, "data_format": self.data_format,
+            "dilation_rate": self.dilation_rate, "groups": self.groups,
+            "activation": activations.serialize(self.activation), "use_bias": self.use_bias,
+        })
+        config.update(_common.serialize_weight_args(self, ("kernel", "bias")))
+        return config

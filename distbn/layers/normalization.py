@@ -1,0 +1,411 @@
+"""`BatchNormalization`: the Keras 3 layer, in numpy, with an exact backward pass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from distbn import constraints, initializers, regularizers
+from distbn import ops as _ops
+from distbn.layers.base import Layer
+
+__all__ = ["BatchNormalization"]
+
+# tf.keras 2 config keys that Keras 3 dropped: accepted by from_config while they ask
+# for nothing distbn lacks.
+_LEGACY_KEYS = ("fused", "virtual_batch_size", "adjustment")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _check_axis(axis):
+    """An int, or a non-empty list/tuple of distinct ints (returned as a tuple)."""
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+        return int(axis)
+    if (isinstance(axis, (list, tuple)) and axis
+            and all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis)):
+        if len(set(axis)) != len(axis):
+            raise ValueError(f"axis must not repeat an axis, got axis={axis!r}")
+        return tuple(int(a) for a in axis)
+    raise ValueError(f"axis must be an int or a non-empty list/tuple of ints, got axis={axis!r}")
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool, got {name}={value!r}")
+    return bool(value)
+
+
+@dataclass
+class _Cache:
+    """What `backward` needs from the last call."""
+
+    x: np.ndarray            # the input in the work dtype (float32/float64)
+    input_dtype: np.dtype    # dx is returned in the caller's dtype
+    compute_dtype: np.dtype  # y's dtype; dy and dx pass through it, as autodiff of casts does
+    mask: np.ndarray | None  # boolean, x's rank (training mode only)
+    mean: np.ndarray         # float64 channel arrays the output was normalised with
+    inv_std: np.ndarray
+    gamma: np.ndarray | None
+    count: np.ndarray | None  # global N per channel in training mode; None in inference
+
+
+class BatchNormalization(Layer):
+    """Keras 3 `BatchNormalization` in numpy: same arguments, semantics, weights, config.
+
+    Training (`training=True` and `layer.trainable`): normalise with the batch mean and
+    biased batch variance over every axis but `axis`, then
+    `moving = moving * momentum + stat * (1 - momentum)`. Otherwise (training False or
+    None, or a frozen layer): normalise with the moving statistics; nothing changes.
+    `y = gamma * (x - mean) / sqrt(var + epsilon) + beta`.
+
+    Dtypes as Keras: floating inputs are cast to the compute dtype; float16 compute is
+    done in float32 and cast back (so a float16 input gives float32 under the default
+    policy, float16 under "mixed_float16"). Statistics are accumulated in float64.
+
+    Masks as Keras 3: `mask` has one dimension less than the input, is binarised, and is
+    broadcast along the input's last axis; the statistics use unmasked positions only,
+    every position is normalised.
+
+    Beyond Keras:
+      * `backward(dy)` returns the exact input gradient of the last call and sets
+        `gamma.grad` / `beta.grad` (plus regularizer gradients) when trainable. In
+        training mode it differentiates through the batch statistics; masked positions
+        are normalised with them but do not enter them. Inference mode: the affine map.
+      * An empty batch (a zero-size reduction) in training leaves the moving statistics
+        unchanged, returns an empty output, and warns about nothing. Likewise a channel
+        with no unmasked position keeps (and is normalised with) its moving statistics;
+        Keras would pull them toward 0.
+      * `axis` may be a list/tuple of axes: one parameter per position over those axes
+        (weights shaped like the input along them, in increasing axis order).
+      * `synchronized=True` is accepted on every backend; the strategy that sums the
+        statistics across replicas plugs in through `_reduce_stats` /
+        `_reduce_grad_sums` (this layer alone is replica-local).
+      * `renorm=True` raises NotImplementedError (renorm False/None keys are accepted).
+      * The masked mean is exact: Keras divides by (count + 1e-7), a bias that only
+        shows when a channel has about one unmasked position (variance ~0).
+      * Statistics and moving-average updates are computed in float64, then stored in
+        the variables' dtype.
+
+    Args:
+        axis: channel axis (int, default -1) or list/tuple of axes.
+        momentum: moving-average momentum in [0, 1].
+        epsilon: positive float added to the variance.
+        center: whether to add `beta`.
+        scale: whether to multiply by `gamma`.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_variance_initializer: anything `distbn.initializers.get` accepts.
+        beta_regularizer, gamma_regularizer: anything `distbn.regularizers.get` accepts
+            (a callable needs `.gradient(value)` for `backward`).
+        beta_constraint, gamma_constraint: anything `distbn.constraints.get` accepts;
+            exposed as the weights' `.constraint` for the optimizer.
+        synchronized: compute batch statistics over all replicas.
+        renorm, renorm_clipping, renorm_momentum: Keras 3 keys; only renorm=False works.
+        name, dtype, trainable: as `distbn.Layer`.
+    """
+
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, synchronized=False, renorm=False,
+                 renorm_clipping=None, renorm_momentum=0.99, name=None, dtype=None,
+                 trainable=True, **kwargs):
+        super().__init__(name=name, dtype=dtype, trainable=trainable, **kwargs)
+        if renorm:
+            raise NotImplementedError(
+                f"BatchNormalization: renorm={renorm!r} (batch renormalization) is not "
+                "implemented in distbn"
+            )
+        self.axis = _check_axis(axis)
+        if not _is_number(momentum) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be a float in [0, 1], got momentum={momentum!r}")
+        if not _is_number(epsilon) or not (math.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"epsilon must be a positive float, got epsilon={epsilon!r}")
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = _check_bool(center, "center")
+        self.scale = _check_bool(scale, "scale")
+        self.synchronized = _check_bool(synchronized, "synchronized")
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        for arg in ("beta_regularizer", "gamma_regularizer"):
+            reg = getattr(self, arg)
+            if reg is not None and not callable(getattr(reg, "gradient", None)):
+                raise ValueError(
+                    f"{arg} needs a .gradient(value) method for backward, got {reg!r}"
+                )
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self._axes: tuple = ()
+        self._reduction_axes: tuple = ()
+        self._cache: _Cache | None = None
+
+    # --- build -----------------------------------------------------------------------------
+    def build(self, input_shape) -> None:
+        """Create gamma, beta, moving_mean, moving_variance (Keras order) for `input_shape`.
+
+        Args:
+            input_shape: tuple; entries other than the channel axes may be None.
+        """
+        shape = tuple(None if d is None else int(d) for d in input_shape)
+        if self.built:
+            self._check_input_shape(shape)
+            return
+        ndim = len(shape)
+        axes = (self.axis,) if isinstance(self.axis, int) else self.axis
+        for a in axes:
+            if not -ndim <= a < ndim:
+                raise ValueError(
+                    f"axis {a} is out of range for an input of rank {ndim} "
+                    f"(input shape {shape}); got axis={self.axis!r}"
+                )
+        axes = tuple(sorted(a % ndim for a in axes))
+        if len(set(axes)) != len(axes):
+            raise ValueError(
+                f"axis={self.axis!r} names the same axis twice for an input of rank {ndim}"
+            )
+        if any(shape[a] is None for a in axes):
+            raise ValueError(
+                f"the channel axis {self.axis!r} of input shape {shape} must have a known size"
+            )
+        param_shape = tuple(shape[a] for a in axes)
+        if self.scale:
+            self.gamma = self.add_weight("gamma", param_shape, self.gamma_initializer,
+                                         regularizer=self.gamma_regularizer,
+                                         constraint=self.gamma_constraint)
+        if self.center:
+            self.beta = self.add_weight("beta", param_shape, self.beta_initializer,
+                                        regularizer=self.beta_regularizer,
+                                        constraint=self.beta_constraint)
+        self.moving_mean = self.add_weight("moving_mean", param_shape,
+                                           self.moving_mean_initializer, trainable=False)
+        self.moving_variance = self.add_weight("moving_variance", param_shape,
+                                               self.moving_variance_initializer,
+                                               trainable=False)
+        self._axes = axes
+        self._reduction_axes = _ops.reduce_axes_for(ndim, axes)
+        self.input_shape = shape
+        self.built = True
+        self.losses = self.regularization_losses()
+
+    def _check_input_shape(self, shape) -> None:
+        if len(shape) != len(self.input_shape):
+            raise ValueError(
+                f"layer {self.name!r} was built for inputs of rank {len(self.input_shape)} "
+                f"(shape {self.input_shape}), got an input of rank {len(shape)} "
+                f"(shape {tuple(shape)})"
+            )
+        for a in self._axes:
+            if shape[a] != self.input_shape[a]:
+                raise ValueError(
+                    f"layer {self.name!r} was built for {self.input_shape[a]} channels on "
+                    f"axis {a}, got an input of shape {tuple(shape)} with {shape[a]}"
+                )
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    # --- forward ---------------------------------------------------------------------------
+    def call(self, x, training=None, mask=None):
+        """Normalise `x` (numpy in, numpy out); see the class docstring for the modes."""
+        self._check_input_shape(x.shape)
+        input_dtype = x.dtype
+        compute = np.dtype(self.compute_dtype)
+        # Keras casts inputs to the compute dtype, then does float16 work in float32.
+        work = np.dtype(np.float32) if compute == np.float16 else compute
+        x = x.astype(compute, copy=False).astype(work, copy=False)
+        mask = self._prepare_mask(mask, x.shape)
+        red = self._reduction_axes
+        gamma = self.gamma.value.astype(np.float64) if self.scale else None
+        beta = self.beta.value.astype(np.float64) if self.center else None
+        moving_mean = self.moving_mean.value.astype(np.float64)
+        moving_var = self.moving_variance.value.astype(np.float64)
+
+        if training and self.trainable:
+            mean, var, count = self._batch_moments(x, mask)
+            seen = count > 0  # channels with no position keep their moving statistics
+            mean = np.where(seen, mean, moving_mean)
+            var = np.where(seen, var, moving_var)
+            m = self.momentum
+            self.moving_mean.assign(np.where(seen, moving_mean * m + mean * (1.0 - m),
+                                             moving_mean))
+            self.moving_variance.assign(np.where(seen, moving_var * m + var * (1.0 - m),
+                                                 moving_var))
+        else:
+            mean, var, count, mask = moving_mean, moving_var, None, None
+
+        y = _ops.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+        self._cache = _Cache(x=x, input_dtype=input_dtype, compute_dtype=compute, mask=mask,
+                             mean=mean, inv_std=_ops.inverse_std(var, self.epsilon),
+                             gamma=gamma, count=count)
+        self.losses = self.regularization_losses()
+        return y.astype(compute, copy=False)
+
+    def _prepare_mask(self, mask, x_shape):
+        """A Keras mask (input rank - 1, broadcast along the last axis) as a boolean array
+        of the input's rank; None stays None."""
+        if mask is None:
+            return None
+        mask = np.asarray(mask)
+        if mask.ndim != len(x_shape) - 1:
+            raise ValueError(
+                "The mask must have one dimension less than the inputs; got "
+                f"mask.shape={mask.shape}, inputs.shape={tuple(x_shape)}"
+            )
+        expanded = mask.shape + (1,)
+        try:
+            fits = np.broadcast_shapes(expanded, x_shape) == tuple(x_shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"The mask of shape {mask.shape} does not broadcast to the inputs' shape "
+                f"{tuple(x_shape)} without its last axis; got mask.shape={mask.shape}, "
+                f"inputs.shape={tuple(x_shape)}"
+            )
+        if mask.dtype.kind not in "biuf":
+            raise ValueError(f"The mask must be boolean or numeric, got dtype {mask.dtype}")
+        return (mask if mask.dtype == bool else mask != 0).reshape(expanded)
+
+    def _batch_moments(self, x, mask):
+        """Batch (mean, var, count) per channel, through one packed buffer [S1, S2, n]."""
+        count, local_mean, m2 = _ops.local_mean_m2(x, self._reduction_axes, mask)
+        shift = self._stats_shift(local_mean)
+        s1, s2 = _ops.shifted_sums(count, local_mean, m2, shift)
+        buf = self._reduce_stats(_ops.pack_moments(count, s1, s2))
+        count, s1, s2 = _ops.unpack_moments(buf)
+        mean, var = _ops.moments_from_sums(count, s1, s2, shift)
+        return mean, var, count
+
+    # --- hooks for synchronized statistics -------------------------------------------------
+    def _stats_shift(self, local_mean):
+        """The per-channel shift K of the shifted sums.
+
+        Replica-local, the exact local mean (S1 = 0, S2 = M2: no cancellation at all).
+        Summed across replicas K must be identical everywhere: the moving mean; then
+        var = S2/N - (S1/N)² loses about eps·(mean - K)²/var relatively.
+        """
+        if self.synchronized:
+            return self.moving_mean.value.astype(np.float64)
+        return local_mean
+
+    def _reduce_stats(self, buffer):
+        """Sum the packed float64 forward buffer [S1, S2, n] over replicas (here: local).
+
+        Called exactly once per training-mode forward, even for an empty local batch.
+        """
+        return buffer
+
+    def _reduce_grad_sums(self, buffer):
+        """Sum the packed float64 backward buffer [Σdy, Σdy·x̂] over replicas (here: local).
+
+        Called exactly once per training-mode backward. May work in place.
+        """
+        return buffer
+
+    # --- backward --------------------------------------------------------------------------
+    def backward(self, dy):
+        """Gradient of the last call: returns dx; sets gamma.grad and beta.grad.
+
+        Args:
+            dy: gradient of the loss with respect to the last output (same shape).
+
+        Returns:
+            dx, in the dtype of the last call's input (the input is kept by reference:
+            modifying it in place before `backward` changes the result).
+        """
+        c = self._cache
+        if c is None:
+            raise RuntimeError(
+                f"backward() of layer {self.name!r} was called before the layer was called"
+            )
+        dy = np.asarray(dy)
+        if dy.shape != c.x.shape:
+            raise ValueError(
+                f"backward() of layer {self.name!r}: dy has shape {dy.shape}, but the last "
+                f"call's output has shape {c.x.shape}"
+            )
+        # The output was cast to the compute dtype: its cotangent lives there too.
+        dy = dy.astype(c.compute_dtype, copy=False).astype(c.x.dtype, copy=False)
+        red = self._reduction_axes
+        set_grads = self.trainable and (self.scale or self.center)
+        sums = None
+        if set_grads or c.count is not None:
+            sums = _ops.backward_sums(dy, c.x, c.mean, c.inv_std, red)
+        if set_grads:
+            # Local sums over all positions; copies, since the hook below may reduce in place.
+            if self.scale:
+                self.gamma.grad = sums[1].astype(self.gamma.dtype)
+            if self.center:
+                self.beta.grad = sums[0].astype(self.beta.dtype)
+            self.add_regularization_grads()
+        if c.count is None:
+            dx = _ops.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, None, None, None, red)
+        else:
+            sums = self._reduce_grad_sums(sums)
+            dx = _ops.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, sums[0], sums[1],
+                                 c.count, red, c.mask)
+        # Back through the input casts (input -> compute dtype -> work dtype), as Keras;
+        # a non-float input (cast, not differentiable in Keras) gets the compute dtype.
+        dx = dx.astype(c.compute_dtype, copy=False)
+        return dx.astype(c.input_dtype, copy=False) if c.input_dtype.kind == "f" else dx
+
+    # --- config ----------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """Every constructor argument, in Keras 3's keys and serialized forms."""
+        config = super().get_config()
+        config.update({
+            "axis": self.axis if isinstance(self.axis, int) else list(self.axis),
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer":
+                initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Rebuild from `get_config()`, a Keras 3 config, or a full Keras layer dict.
+
+        Args:
+            config: the config dict (a `{"class_name", "config", ...}` wrapper is unwrapped).
+
+        Returns:
+            A new, unbuilt layer.
+        """
+        config = dict(config)
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            if config["class_name"] != "BatchNormalization":
+                raise ValueError(
+                    f"expected a BatchNormalization config, got class_name="
+                    f"{config['class_name']!r}"
+                )
+            config = dict(config["config"])
+        for key in _LEGACY_KEYS:
+            value = config.pop(key, None)
+            if key != "fused" and value is not None:
+                raise NotImplementedError(
+                    f"BatchNormalization: {key}={value!r} is not implemented in distbn"
+                )
+        return cls(**config)

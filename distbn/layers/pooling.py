@@ -1,0 +1,200 @@
+"""2-D pooling layers: MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from distbn.layers import _common
+from distbn.layers.base import Layer
+from distbn.layers.conv import window_slice
+
+__all__ = ["MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D"]
+
+
+class _Pooling2D(Layer):
+    """Shared arguments, shapes and window views of the 2-D pooling layers."""
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = _common.normalize_tuple(pool_size, 2, "pool_size")
+        self.strides = (self.pool_size if strides is None
+                        else _common.normalize_tuple(strides, 2, "strides"))
+        self.padding = _common.normalize_padding(padding)
+        self.data_format = _common.normalize_data_format(data_format)
+        self._cache = None
+
+    def _out_hw(self, h, w) -> tuple:
+        return tuple(_common.conv_output_length(n, k, self.padding, s)
+                     for n, k, s in zip((h, w), self.pool_size, self.strides, strict=True))
+
+    def _windows(self, x, fill):
+        """(channels_last x, padded x, pads, (ho, wo), window view (n, ho, wo, c, ph, pw))."""
+        x = _common.cast(x, self.compute_dtype)
+        if x.ndim != 4:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} expects a 4-D {self.data_format} "
+                f"input, got shape {x.shape}"
+            )
+        xl = _common.to_channels_last(x, self.data_format)
+        h, w = xl.shape[1:3]
+        ho, wo = self._out_hw(h, w)
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r}: input spatial size {(h, w)} is "
+                f"smaller than pool_size={self.pool_size} with padding={self.padding!r}"
+            )
+        pads = _common.pad_amounts((h, w), self.pool_size, self.strides, (1, 1), self.padding)
+        xp = (np.pad(xl, [(0, 0), *pads, (0, 0)], constant_values=fill)
+              if any(sum(p) for p in pads) else xl)
+        (sh, sw) = self.strides
+        win = sliding_window_view(xp, self.pool_size, axis=(1, 2))[:, ::sh, ::sw][:, :ho, :wo]
+        return xl, xp, pads, (ho, wo), win
+
+    def _scatter(self, per_tap, padded_shape, pads, hw, dtype):
+        """Sum per-tap gradients (n, ho, wo, c) into the input: one strided add per tap."""
+        ph, pw = self.pool_size
+        sh, sw = self.strides
+        dxp = np.zeros(padded_shape, dtype=dtype)
+        for i in range(ph):
+            for j in range(pw):
+                g = per_tap(i, j)
+                dxp[:, window_slice(i, sh, g.shape[1]), window_slice(j, sw, g.shape[2]), :] += g
+        (pt, _), (pl, _) = pads
+        dx = dxp[:, pt:pt + hw[0], pl:pl + hw[1], :]
+        return _common.from_channels_last(np.ascontiguousarray(dx), self.data_format)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if self.data_format == "channels_first":
+            n, c, h, w = input_shape
+            return (n, c, *self._out_hw(h, w))
+        n, h, w, c = input_shape
+        return (n, *self._out_hw(h, w), c)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"pool_size": self.pool_size, "strides": self.strides,
+                       "padding": self.padding, "data_format": self.data_format})
+        return config
+
+
+class MaxPooling2D(_Pooling2D):
+    """Max over each window ("same" pads with -inf, so padding never wins).
+
+    Ties go to the first maximum in row-major window order, in the forward choice and
+    in the gradient alike, so the result is deterministic.
+
+    Args:
+        pool_size: int or (ph, pw); default (2, 2).
+        strides: int, (sh, sw) or None (= pool_size).
+        padding: "valid" or "same".
+        data_format: "channels_last" (default) or "channels_first".
+        **kwargs: `name`, `dtype`, `trainable`.
+    """
+
+    def call(self, x, training=None, mask=None):
+        """Forward pass; keeps the argmax of each window for `backward`."""
+        xl, xp, pads, (ho, wo), win = self._windows(x, -np.inf)
+        n, c = xl.shape[0], xl.shape[3]
+        flat = win.reshape(n, ho, wo, c, self.pool_size[0] * self.pool_size[1])
+        idx = np.argmax(flat, axis=-1)
+        y = np.take_along_axis(flat, idx[..., None], axis=-1)[..., 0]
+        self._cache = (idx, xp.shape, pads, xl.shape[1:3])
+        return _common.from_channels_last(y, self.data_format)
+
+    def backward(self, dy):
+        """Input gradient: dy routed to each window's chosen maximum."""
+        idx, padded_shape, pads, hw = self._cache
+        dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
+        pw = self.pool_size[1]
+        return self._scatter(lambda i, j: np.where(idx == i * pw + j, dy, 0),
+                             padded_shape, pads, hw, dy.dtype)
+
+
+class AveragePooling2D(_Pooling2D):
+    """Mean over each window; with "same", padded positions are not counted (as TF/Keras).
+
+    Args:
+        pool_size: int or (ph, pw); default (2, 2).
+        strides: int, (sh, sw) or None (= pool_size).
+        padding: "valid" or "same".
+        data_format: "channels_last" (default) or "channels_first".
+        **kwargs: `name`, `dtype`, `trainable`.
+    """
+
+    def _counts(self, hw, pads, out_hw) -> np.ndarray:
+        """How many real (unpadded) inputs each output window covers, shape (ho, wo, 1)."""
+        per_axis = []
+        for n, k, s, (before, _), o in zip(hw, self.pool_size, self.strides, pads, out_hw,
+                                           strict=True):
+            start = np.arange(o) * s  # window start in padded coordinates
+            per_axis.append(np.minimum(start + k, before + n) - np.maximum(start, before))
+        return np.multiply.outer(per_axis[0], per_axis[1])[..., None]
+
+    def call(self, x, training=None, mask=None):
+        """Forward pass."""
+        xl, xp, pads, out_hw, win = self._windows(x, 0)
+        counts = self._counts(xl.shape[1:3], pads, out_hw).astype(xl.dtype)
+        y = win.sum(axis=(-2, -1)) / counts
+        self._cache = (counts, xp.shape, pads, xl.shape[1:3])
+        return _common.from_channels_last(y.astype(xl.dtype, copy=False), self.data_format)
+
+    def backward(self, dy):
+        """Input gradient: dy / count spread over each window."""
+        counts, padded_shape, pads, hw = self._cache
+        dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
+        g = dy / counts
+        return self._scatter(lambda i, j: g, padded_shape, pads, hw, dy.dtype)
+
+
+class GlobalAveragePooling2D(Layer):
+    """Mean over the spatial axes.
+
+    Args:
+        data_format: "channels_last" (default) or "channels_first".
+        keepdims: keep the spatial axes with size 1.
+        **kwargs: `name`, `dtype`, `trainable`.
+    """
+
+    def __init__(self, data_format=None, keepdims=False, **kwargs):
+        super().__init__(**kwargs)
+        self.data_format = _common.normalize_data_format(data_format)
+        self.keepdims = bool(keepdims)
+        self._shape = None
+
+    def _axes(self) -> tuple[int, int]:
+        return (2, 3) if self.data_format == "channels_first" else (1, 2)
+
+    def call(self, x, training=None, mask=None):
+        """Forward pass."""
+        x = _common.cast(x, self.compute_dtype)
+        if x.ndim != 4:
+            raise ValueError(
+                f"GlobalAveragePooling2D {self.name!r} expects a 4-D input, got shape {x.shape}"
+            )
+        self._shape = x.shape
+        return x.mean(axis=self._axes(), keepdims=self.keepdims)
+
+    def backward(self, dy):
+        """Input gradient: dy / (H*W) broadcast over the spatial axes."""
+        shape = self._shape
+        dy = _common.cast(dy, self.compute_dtype)
+        a, b = self._axes()
+        if not self.keepdims:
+            dy = np.expand_dims(dy, (a, b))
+        return np.broadcast_to(dy / (shape[a] * shape[b]), shape).copy()
+
+    def compute_output_shape(self, input_shape):
+        input_shape = list(input_shape)
+        a, b = self._axes()
+        if self.keepdims:
+            input_shape[a] = input_shape[b] = 1
+            return tuple(input_shape)
+        return tuple(d for k, d in enumerate(input_shape) if k not in (a, b))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"data_format": self.data_format, "keepdims": self.keepdims})
+        return config

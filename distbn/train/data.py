@@ -1,0 +1,459 @@
+"""Data for the trainer: the embedded `patterns` set, user `.npz` files, and sharding.
+
+Data parallelism here means: every rank draws the same permutation of the training
+set for an epoch (seeded by the config seed and the epoch number), cuts it into the
+same global batches, and takes its own contiguous slice of each global batch
+(`shard_slice`). No rank needs to talk to another to agree on who reads what.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "PATTERN_CLASSES",
+    "make_patterns",
+    "load_npz",
+    "epoch_permutation",
+    "steps_per_epoch",
+    "global_batches",
+    "shard_slice",
+    "batch_at",
+    "BatchSchedule",
+    "to_data_format",
+]
+
+# One name per class of `make_patterns`, in label order.
+PATTERN_CLASSES = (
+    "stripes_0", "stripes_45", "stripes_90", "stripes_135", "checkerboard",
+    "rings", "blob", "squares", "pinwheel", "texture",
+)
+
+# Mixed into the seed so the generator's streams never coincide with the shuffling
+# streams `default_rng([seed, epoch])` of the same seed.
+_PATTERNS_STREAM = 0x70617474  # "patt"
+
+# Class colours (RGB in [0, 1]); each sample's foreground only leans towards its class
+# colour, so colour is a weak hint and shape has to do the work.
+_CLASS_COLOURS = np.array([
+    [0.90, 0.20, 0.20], [0.20, 0.80, 0.30], [0.25, 0.35, 0.95], [0.90, 0.80, 0.20],
+    [0.80, 0.30, 0.85], [0.20, 0.80, 0.85], [0.95, 0.55, 0.15], [0.55, 0.55, 0.55],
+    [0.55, 0.85, 0.40], [0.45, 0.30, 0.70],
+])
+
+
+class DataError(ValueError):
+    """A data set that cannot be used: the message names the array and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------
+# The embedded data set
+
+
+def _stripes(angle_deg):
+    def draw(rng, m, yy, xx, size):
+        theta = np.deg2rad(angle_deg + rng.uniform(-12.0, 12.0, m))[:, None, None]
+        period = rng.uniform(3.0, 6.0, m)[:, None, None]
+        phase = rng.uniform(0.0, 2 * np.pi, m)[:, None, None]
+        u = xx * np.cos(theta) + yy * np.sin(theta)
+        return np.sin(2 * np.pi * u / period + phase)
+    return draw
+
+
+def _centre(rng, m, size):
+    cy = rng.uniform(0.2 * size, 0.8 * size, m)[:, None, None]
+    cx = rng.uniform(0.2 * size, 0.8 * size, m)[:, None, None]
+    return cy, cx
+
+
+def _checkerboard(rng, m, yy, xx, size):
+    cell = rng.uniform(2.0, 4.0, m)[:, None, None]
+    oy, ox = (rng.uniform(0.0, 2 * np.pi, m)[:, None, None] for _ in range(2))
+    p = np.sin(np.pi * yy / cell + oy) * np.sin(np.pi * xx / cell + ox)
+    return np.tanh(4.0 * p)  # soft squares rather than a plaid
+
+
+def _rings(rng, m, yy, xx, size):
+    cy, cx = _centre(rng, m, size)
+    period = rng.uniform(3.0, 6.0, m)[:, None, None]
+    phase = rng.uniform(0.0, 2 * np.pi, m)[:, None, None]
+    r = np.hypot(yy - cy, xx - cx)
+    return np.cos(2 * np.pi * r / period + phase)
+
+
+def _blob(rng, m, yy, xx, size):
+    cy, cx = _centre(rng, m, size)
+    sigma = rng.uniform(0.1 * size, 0.22 * size, m)[:, None, None]
+    r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+    return 2.0 * np.exp(-r2 / (2 * sigma**2)) - 1.0
+
+
+def _squares(rng, m, yy, xx, size):
+    cy, cx = _centre(rng, m, size)
+    period = rng.uniform(3.0, 6.0, m)[:, None, None]
+    phase = rng.uniform(0.0, 2 * np.pi, m)[:, None, None]
+    r = np.maximum(np.abs(yy - cy), np.abs(xx - cx))  # Chebyshev distance: square rings
+    return np.cos(2 * np.pi * r / period + phase)
+
+
+def _pinwheel(rng, m, yy, xx, size):
+    cy, cx = _centre(rng, m, size)
+    arms = rng.integers(3, 6, m)[:, None, None]
+    phase = rng.uniform(0.0, 2 * np.pi, m)[:, None, None]
+    return np.sin(arms * np.arctan2(yy - cy, xx - cx) + phase)
+
+
+def _texture(rng, m, yy, xx, size):
+    # Low-pass filtered white noise: blotches with no orientation or centre.
+    noise = rng.standard_normal((m, size, size))
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    lowpass = np.exp(-(fy**2 + fx**2) / (2 * 0.08**2))
+    p = np.fft.irfft2(np.fft.rfft2(noise) * lowpass, s=(size, size))
+    return p / np.max(np.abs(p), axis=(1, 2), keepdims=True)
+
+
+_DRAW = (
+    _stripes(0), _stripes(45), _stripes(90), _stripes(135), _checkerboard,
+    _rings, _blob, _squares, _pinwheel, _texture,
+)
+
+
+def _draw_split(rng, n, image_size, num_classes, dtype):
+    # Exactly balanced labels (counts differ by at most one), in random order.
+    y = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    x = np.empty((n, image_size, image_size, 3), dtype=dtype)
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
+    for c in range(num_classes):
+        idx = np.flatnonzero(y == c)
+        m = idx.size
+        if m == 0:
+            continue
+        p = _DRAW[c](rng, m, yy, xx, image_size)  # (m, H, W) in [-1, 1]
+        lean = rng.uniform(0.2, 0.5, (m, 1))
+        fg = lean * _CLASS_COLOURS[c] + (1 - lean) * rng.uniform(0.0, 1.0, (m, 3))
+        bg = rng.uniform(0.0, 1.0, (m, 3))
+        # The image maths runs in float32 whatever `dtype` is: half the time and memory,
+        # and a float64 data set holds exactly the values of the float32 one.
+        w = (0.5 * (p + 1.0)).astype(np.float32)[..., None]
+        img = bg.astype(np.float32)[:, None, None, :] \
+            + (fg - bg).astype(np.float32)[:, None, None, :] * w
+        # Per-sample contrast and brightness (and a per-channel tint), then sensor noise:
+        # the nuisance that per-batch normalisation removes.
+        contrast = np.exp(rng.uniform(np.log(0.35), np.log(1.6), m))[:, None, None, None]
+        bright = rng.uniform(-0.35, 0.35, (m, 1, 1, 1)) + rng.uniform(-0.1, 0.1, (m, 1, 1, 3))
+        sigma = rng.uniform(0.02, 0.12, (m, 1, 1, 1))
+        img -= np.float32(0.5)
+        img *= contrast.astype(np.float32)
+        img += (0.5 + bright).astype(np.float32)
+        img += sigma.astype(np.float32) * rng.standard_normal(img.shape, dtype=np.float32)
+        x[idx] = img
+    return x, y
+
+
+def make_patterns(n_train, n_test, image_size=16, num_classes=10, seed=0, dtype="float32"):
+    """Generate the embedded `patterns` data set (no download, deterministic).
+
+    Ten classes of procedurally drawn RGB images: gratings at four orientations, a
+    checkerboard, circular rings, a blob, square rings, a pinwheel and a blotchy
+    texture, each with random phase/position/scale, a foreground colour that only leans
+    towards a class colour, per-sample contrast, brightness and tint, and noise. Pixel
+    values are not normalised (mean about 0.5, std about 0.3, tails to about -1 and 2).
+    Train and test come from separate random streams, so changing `n_test` leaves the
+    training set unchanged.
+
+    Args:
+        n_train: number of training samples (>= 0).
+        n_test: number of test samples (>= 0).
+        image_size: height and width in pixels (>= 4).
+        num_classes: number of classes, 1..10 (the first `num_classes` patterns).
+        seed: non-negative int.
+        dtype: "float32" or "float64".
+
+    Returns:
+        `(x_train, y_train, x_test, y_test)`: x is NHWC `(n, image_size, image_size, 3)`
+        of `dtype`, y is int64 `(n,)` with every class present in equal numbers (+-1).
+    """
+    for name, value, low in (("n_train", n_train, 0), ("n_test", n_test, 0),
+                             ("image_size", image_size, 4), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"make_patterns: {name} must be an int >= {low}, got {value!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or not 1 <= num_classes <= len(_DRAW):
+        raise ValueError(
+            f"make_patterns: num_classes must be an int in 1..{len(_DRAW)}, got {num_classes!r}"
+        )
+    if dtype not in ("float32", "float64", np.float32, np.float64):
+        raise ValueError(f"make_patterns: dtype must be 'float32' or 'float64', got {dtype!r}")
+    dtype = np.dtype(dtype)
+    seq = np.random.SeedSequence([int(seed), _PATTERNS_STREAM])
+    train_seq, test_seq = seq.spawn(2)
+    x_train, y_train = _draw_split(np.random.default_rng(train_seq), int(n_train),
+                                   int(image_size), int(num_classes), dtype)
+    x_test, y_test = _draw_split(np.random.default_rng(test_seq), int(n_test),
+                                 int(image_size), int(num_classes), dtype)
+    return x_train, y_train, x_test, y_test
+
+
+# --------------------------------------------------------------------------------------
+# User data
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _check_x(name, x):
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / np.float32(255.0)  # image bytes -> [0, 1]
+    elif x.dtype.kind != "f":
+        raise DataError(f"{name}: expected a float or uint8 array, got dtype {x.dtype}")
+    elif x.dtype == np.float16:
+        x = x.astype(np.float32)  # computed in float32 anyway; avoid float16 sums
+    if x.ndim != 4:
+        raise DataError(f"{name}: expected a 4-D NHWC array, got shape {x.shape}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise DataError(f"{name}: non-finite value {x[bad].item()!r} at index {bad}")
+    return x
+
+
+def _check_y(name, y, n, num_classes):
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{name}: expected an integer label array, got dtype {y.dtype}")
+    if y.ndim != 1:
+        raise DataError(f"{name}: expected a 1-D label array, got shape {y.shape}")
+    if y.shape[0] != n:
+        raise DataError(f"{name}: has {y.shape[0]} labels but x has {n} samples")
+    if y.size:
+        low, high = int(y.min()), int(y.max())
+        if low < 0:
+            raise DataError(f"{name}: labels must be >= 0, got {low}")
+        if num_classes is not None and high >= num_classes:
+            raise DataError(
+                f"{name}: labels must be < num_classes={num_classes}, got {high}"
+            )
+    return y.astype(np.int64)
+
+
+def load_npz(path, num_classes=None):
+    """Load and validate a user data set from an `.npz` file (never unpickles).
+
+    Args:
+        path: file with arrays `x_train, y_train, x_test, y_test` (other arrays are
+            ignored). x: NHWC float, or uint8 (scaled to float32 in [0, 1]); y: 1-D
+            integer class labels.
+        num_classes: if given, every label must lie in `[0, num_classes)`.
+
+    Returns:
+        `(x_train, y_train, x_test, y_test)`, x float (float16 widened to float32), y int64.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:  # not a zip/npy: say which file
+        raise DataError(f"{path}: cannot read as .npz: {err}") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: expected an .npz archive, got a single .npy array")
+    with archive:
+        missing = [k for k in _NPZ_KEYS if k not in archive.files]
+        if missing:
+            raise DataError(
+                f"{path}: missing array(s) {', '.join(missing)} (has: {', '.join(archive.files)})"
+            )
+        arrays = {}
+        for key in _NPZ_KEYS:
+            try:
+                arrays[key] = archive[key]
+            except ValueError as err:  # object arrays need pickle, which is refused
+                raise DataError(f"{path}: {key}: cannot load ({err})") from err
+    x_train = _check_x(f"{path}: x_train", arrays["x_train"])
+    x_test = _check_x(f"{path}: x_test", arrays["x_test"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{path}: x_test: image shape {x_test.shape[1:]} differs from "
+            f"x_train's {x_train.shape[1:]}"
+        )
+    if x_train.shape[0] == 0:
+        raise DataError(f"{path}: x_train: has no samples, shape {x_train.shape}")
+    y_train = _check_y(f"{path}: y_train", arrays["y_train"], x_train.shape[0], num_classes)
+    y_test = _check_y(f"{path}: y_test", arrays["y_test"], x_test.shape[0], num_classes)
+    return x_train, y_train, x_test, y_test
+
+
+def to_data_format(x, data_format):
+    """Convert an NHWC batch to the model's layout.
+
+    Args:
+        x: 4-D array in channels-last (NHWC) layout.
+        data_format: "channels_last" (returned unchanged) or "channels_first" (NCHW copy).
+
+    Returns:
+        The array in `data_format` layout (C-contiguous).
+    """
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"to_data_format: expected a 4-D NHWC array, got shape {x.shape}")
+    if data_format == "channels_last":
+        return x
+    if data_format == "channels_first":
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise ValueError(
+        f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Shuffling and sharding
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def epoch_permutation(n, seed, epoch):
+    """The shuffled order of `n` samples for one epoch, identical on every rank.
+
+    Args:
+        n: number of samples.
+        seed: non-negative int (the config's `seed`).
+        epoch: epoch number, from 0.
+
+    Returns:
+        int64 array: a permutation of `range(n)` from `np.random.default_rng([seed, epoch])`.
+    """
+    n = _check_int("n", n, 0)
+    rng = np.random.default_rng([_check_int("seed", seed, 0), _check_int("epoch", epoch, 0)])
+    return rng.permutation(n).astype(np.int64)
+
+
+def steps_per_epoch(n, global_batch_size, drop_last=False):
+    """Number of global batches in one epoch.
+
+    Args:
+        n: number of samples.
+        global_batch_size: samples per step over all ranks.
+        drop_last: drop the final short batch.
+
+    Returns:
+        `n // global_batch_size` with `drop_last`, else `ceil(n / global_batch_size)`.
+    """
+    n = _check_int("n", n, 0)
+    global_batch_size = _check_int("global_batch_size", global_batch_size, 1)
+    return n // global_batch_size if drop_last else math.ceil(n / global_batch_size)
+
+
+def global_batches(n, global_batch_size, seed, epoch, drop_last=False) -> Iterator[np.ndarray]:
+    """Yield the global batches of one epoch as arrays of sample indices.
+
+    Args:
+        n: number of samples.
+        global_batch_size: samples per step over all ranks.
+        seed: non-negative int.
+        epoch: epoch number, from 0.
+        drop_last: drop the final batch if it is shorter than `global_batch_size`.
+
+    Returns:
+        An iterator of int64 index arrays (the last may be short unless `drop_last`).
+    """
+    count = steps_per_epoch(n, global_batch_size, drop_last)
+    perm = epoch_permutation(n, seed, epoch)
+    for i in range(count):
+        yield perm[i * global_batch_size:(i + 1) * global_batch_size]
+
+
+def shard_slice(global_batch_len, rank, world_size) -> slice:
+    """This rank's contiguous part of a global batch.
+
+    The first `global_batch_len % world_size` ranks get one extra sample, so shard sizes
+    differ by at most one; when the batch is smaller than the world, the last ranks get
+    empty shards (they still take part in every collective).
+
+    Args:
+        global_batch_len: number of samples in the global batch.
+        rank: this replica's index, `0 <= rank < world_size`.
+        world_size: number of replicas.
+
+    Returns:
+        A `slice` into the global batch.
+    """
+    length = _check_int("global_batch_len", global_batch_len, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
+    base, rem = divmod(length, world_size)
+    start = rank * base + min(rank, rem)
+    return slice(start, start + base + (1 if rank < rem else 0))
+
+
+class BatchSchedule:
+    """Step-indexed global batches that run on across epochs ("steps" mode, resuming).
+
+    Step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`, the same
+    batch that `global_batches(..., epoch)` yields at that position, so a run resumed
+    at step `s` reads exactly what an uninterrupted run would have read.
+
+    Args:
+        n: number of training samples.
+        global_batch_size: samples per step over all ranks.
+        seed: non-negative int.
+        drop_last: drop each epoch's final short batch.
+    """
+
+    def __init__(self, n, global_batch_size, seed, drop_last=False):
+        self.n = _check_int("n", n, 0)
+        self.global_batch_size = _check_int("global_batch_size", global_batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.drop_last = bool(drop_last)
+        self.steps_per_epoch = steps_per_epoch(self.n, self.global_batch_size, self.drop_last)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"no batches: n={self.n} samples with global_batch_size="
+                f"{self.global_batch_size} and drop_last={self.drop_last}"
+            )
+        self._epoch = None
+        self._perm = None
+
+    def batch_at(self, step):
+        """The global batch of a step.
+
+        Args:
+            step: global step number, from 0.
+
+        Returns:
+            `(epoch, position, indices)`: the epoch, the batch's position within it, and
+            the int64 sample indices of the global batch.
+        """
+        step = _check_int("step", step, 0)
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # one permutation per epoch, reused across its steps
+            self._perm = epoch_permutation(self.n, self.seed, epoch)
+            self._epoch = epoch
+        start = position * self.global_batch_size
+        return epoch, position, self._perm[start:start + self.global_batch_size]
+
+
+def batch_at(step, n, global_batch_size, seed, drop_last=False):
+    """The global batch of a step in "steps" mode (see `BatchSchedule`).
+
+    Args:
+        step: global step number, from 0.
+        n: number of training samples.
+        global_batch_size: samples per step over all ranks.
+        seed: non-negative int.
+        drop_last: drop each epoch's final short batch.
+
+    Returns:
+        `(epoch, position, indices)` as `BatchSchedule.batch_at`.
+    """
+    return BatchSchedule(n, global_batch_size, seed, drop_last).batch_at(step)

@@ -1,0 +1,214 @@
+"""Learning-rate schedules: constant, step decay and cosine decay, each with an optional
+linear warm-up.
+
+A schedule maps the optimizer's step (its `iterations` before the update: 0 for the
+first update) to a learning rate. With `warmup_steps = W > 0`, steps 0..W-1 ramp
+linearly from `warmup_from` towards the schedule's initial rate (Keras' CosineDecay
+warm-up arithmetic: step s gives `warmup_from + (lr0 - warmup_from) * s / W`), and the
+decay then runs on `step - W`, so `decay_steps` does not include the warm-up.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import numpy as np
+
+__all__ = ["LearningRateSchedule", "Constant", "StepDecay", "CosineDecay", "get"]
+
+
+def _rate(value, name: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a non-negative finite float, got {name}={value!r}")
+    return float(value)
+
+
+def _steps(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive" if minimum > 0 else "a non-negative"
+        raise ValueError(f"{name} must be {kind} integer, got {name}={value!r}")
+    return int(value)
+
+
+def _fraction(value, name: str, low_open: bool = False) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+          and (0 < value <= 1 if low_open else 0 <= value <= 1))
+    if not ok:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name} must be a float in {interval}, got {name}={value!r}")
+    return float(value)
+
+
+class LearningRateSchedule:
+    """Base class: `schedule(step) -> float`, with linear warm-up handled here.
+
+    Subclasses set `self.initial` (the rate warm-up reaches) and implement `_decay(step)`
+    for steps counted from the end of warm-up.
+    """
+
+    #: the name `get` knows the schedule by
+    type_name = ""
+
+    def __init__(self, warmup_steps=0, warmup_from=0.0):
+        self.warmup_steps = _steps(warmup_steps, "warmup_steps", 0)
+        self.warmup_from = _rate(warmup_from, "warmup_from")
+
+    def _decay(self, step: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, step) -> float:
+        """The learning rate for optimizer step `step` (>= 0)."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got step={step!r}")
+        step = int(step)
+        if step < self.warmup_steps:
+            frac = step / self.warmup_steps
+            return self.warmup_from + (self.initial - self.warmup_from) * frac
+        return float(self._decay(step - self.warmup_steps))
+
+    def get_config(self) -> dict:
+        """The constructor arguments."""
+        return {"warmup_steps": self.warmup_steps, "warmup_from": self.warmup_from}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Rebuild from `get_config()`'s output."""
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Constant(LearningRateSchedule):
+    """A fixed rate (after the optional warm-up).
+
+    Args:
+        learning_rate: non-negative float.
+        warmup_steps: linear warm-up length in steps (0: none).
+        warmup_from: the rate at step 0 of the warm-up.
+    """
+
+    type_name = "constant"
+
+    def __init__(self, learning_rate, warmup_steps=0, warmup_from=0.0):
+        super().__init__(warmup_steps, warmup_from)
+        self.initial = _rate(learning_rate, "learning_rate")
+
+    def _decay(self, step: int) -> float:
+        return self.initial
+
+    def get_config(self) -> dict:
+        return {"learning_rate": self.initial, **super().get_config()}
+
+
+class StepDecay(LearningRateSchedule):
+    """`initial_learning_rate * decay_rate ** floor(step / decay_steps)` (staircase).
+
+    Args:
+        initial_learning_rate: non-negative float.
+        decay_steps: positive int, steps between drops.
+        decay_rate: factor per drop, in (0, 1].
+        warmup_steps: linear warm-up length in steps (0: none).
+        warmup_from: the rate at step 0 of the warm-up.
+    """
+
+    type_name = "step"
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate=0.1, warmup_steps=0,
+                 warmup_from=0.0):
+        super().__init__(warmup_steps, warmup_from)
+        self.initial = _rate(initial_learning_rate, "initial_learning_rate")
+        self.decay_steps = _steps(decay_steps, "decay_steps", 1)
+        self.decay_rate = _fraction(decay_rate, "decay_rate", low_open=True)
+
+    def _decay(self, step: int) -> float:
+        return self.initial * self.decay_rate ** (step // self.decay_steps)
+
+    def get_config(self) -> dict:
+        return {"initial_learning_rate": self.initial, "decay_steps": self.decay_steps,
+                "decay_rate": self.decay_rate, **super().get_config()}
+
+
+class CosineDecay(LearningRateSchedule):
+    """Keras CosineDecay: `lr0 * ((1 - alpha) * 0.5 * (1 + cos(pi * s / decay_steps)) + alpha)`
+    with s clipped to decay_steps (so the rate stays at `alpha * lr0` afterwards).
+
+    Args:
+        initial_learning_rate: non-negative float.
+        decay_steps: positive int, length of the decay (after warm-up).
+        alpha: final rate as a fraction of the initial one, in [0, 1].
+        warmup_steps: linear warm-up length in steps (0: none).
+        warmup_from: the rate at step 0 of the warm-up.
+    """
+
+    type_name = "cosine"
+
+    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, warmup_steps=0,
+                 warmup_from=0.0):
+        super().__init__(warmup_steps, warmup_from)
+        self.initial = _rate(initial_learning_rate, "initial_learning_rate")
+        self.decay_steps = _steps(decay_steps, "decay_steps", 1)
+        self.alpha = _fraction(alpha, "alpha")
+
+    def _decay(self, step: int) -> float:
+        frac = min(step, self.decay_steps) / self.decay_steps
+        cosine = 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.initial * ((1.0 - self.alpha) * cosine + self.alpha)
+
+    def get_config(self) -> dict:
+        return {"initial_learning_rate": self.initial, "decay_steps": self.decay_steps,
+                "alpha": self.alpha, **super().get_config()}
+
+
+_TABLE = {
+    "constant": Constant, "Constant": Constant,
+    "step": StepDecay, "step_decay": StepDecay, "StepDecay": StepDecay,
+    "cosine": CosineDecay, "cosine_decay": CosineDecay, "CosineDecay": CosineDecay,
+}
+
+
+def _lookup(name):
+    if isinstance(name, str) and name in _TABLE:
+        return _TABLE[name]
+    close = difflib.get_close_matches(str(name), list(_TABLE), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"unknown learning-rate schedule {name!r} (known: constant, step, cosine){hint}"
+    )
+
+
+def get(identifier, **kwargs) -> LearningRateSchedule:
+    """Build a schedule.
+
+    Args:
+        identifier: a number (constant rate), a name ("constant", "step", "cosine") with
+            its arguments in `kwargs`, a dict `{"type": name, **arguments}`, or a schedule
+            (returned as is).
+        **kwargs: the schedule's arguments when `identifier` is a name.
+
+    Returns:
+        The schedule.
+
+    Raises:
+        ValueError: quoting an unknown name or a bad argument value.
+    """
+    if isinstance(identifier, LearningRateSchedule):
+        if kwargs:
+            raise ValueError(f"arguments {sorted(kwargs)} given with a schedule instance")
+        return identifier
+    if isinstance(identifier, dict):
+        if "type" not in identifier:
+            raise ValueError(f"a schedule dict needs a 'type' key, got {identifier!r}")
+        kwargs = {**{k: v for k, v in identifier.items() if k != "type"}, **kwargs}
+        identifier = identifier["type"]
+    elif (not isinstance(identifier, (str, bool))
+          and isinstance(identifier, (int, float, np.number))):
+        return Constant(identifier, **kwargs)
+    cls = _lookup(identifier)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad arguments for schedule {identifier!r}: {err}") from err
