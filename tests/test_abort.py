@@ -142,3 +142,23 @@ def test_a_clean_run_exits_zero(tmp_path):
     run = launch(script)
     assert run.returncode == 0 and not run.timed_out, run.report()
     assert sorted(p.name for p in tmp_path.glob("done-*")) == ["done-0", "done-1"], run.report()
+
+
+def test_exception_while_a_rank_waits_in_synchronized_bn(tmp_path):
+    script = write(tmp_path, """
+        import time
+        import numpy as np
+        import distbn
+
+        strategy = distbn.MPIStrategy()
+        with strategy.scope():
+            bn = distbn.BatchNormalization(synchronized=True)
+        if strategy.replica_id == 1:
+            time.sleep(0.5)
+            raise RuntimeError("rank 1 failed before its BN forward")
+        bn(np.ones((4, 3), dtype=np.float32), training=True)  # rank 0 waits here
+    """)
+    run = launch(script)
+    assert not run.timed_out and run.returncode != 0, run.report()
+    assert run.seconds < ABORT_WITHIN, run.report()
+    assert run.stderr.count("[rank 1] RuntimeError: rank 1 failed before its BN forward") == 1

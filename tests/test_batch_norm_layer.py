@@ -390,6 +390,8 @@ def test_integer_input_is_cast_to_the_compute_dtype():
 class _TwoReplicas(BatchNormalization):
     """Simulates a second replica through the reduction hooks (what a strategy plugs in)."""
 
+    _replicas_in_sync = 2  # shift by the moving mean, as every replica must
+
     def __init__(self, other_x, other_dy, **kwargs):
         super().__init__(synchronized=True, **kwargs)
         self.other_x, self.other_dy, self.calls = other_x, other_dy, []

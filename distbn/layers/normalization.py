@@ -9,9 +9,20 @@ import numpy as np
 
 from distbn import constraints, initializers, regularizers
 from distbn import ops as _ops
+from distbn.distribute import get_strategy
 from distbn.layers.base import Layer
 
 __all__ = ["BatchNormalization"]
+
+# Above this ((mean - shift) / std)², the shifted float64 sums lose more than about
+# 1e-10 of the variance's relative accuracy (the loss is ~2^-53 times the ratio).
+_CONDITION_LIMIT = 1e6
+
+
+def _ill_conditioned(count, offset, var) -> bool:
+    """Whether any channel's shifted variance may have lost accuracy to cancellation."""
+    seen = count > 0
+    return bool(np.any(seen & (np.square(offset) > _CONDITION_LIMIT * var)))
 
 # tf.keras 2 config keys that Keras 3 dropped: accepted by from_config while they ask
 # for nothing distbn lacks.
@@ -82,9 +93,12 @@ class BatchNormalization(Layer):
         Keras would pull them toward 0.
       * `axis` may be a list/tuple of axes: one parameter per position over those axes
         (weights shaped like the input along them, in increasing axis order).
-      * `synchronized=True` is accepted on every backend; the strategy that sums the
-        statistics across replicas plugs in through `_reduce_stats` /
-        `_reduce_grad_sums` (this layer alone is replica-local).
+      * `synchronized=True` computes the batch statistics over every replica of the
+        strategy that is current when the layer is constructed (`distbn.get_strategy()`,
+        its BN sync group): one all-reduce of the packed float64 [S1, S2, n] per training
+        forward, one of [Σdy, Σdy·x̂] per training backward, none in inference and none
+        with a single replica. Masks are synchronized too (the counts come from them).
+        A rank with an empty local batch still takes part. See docs/numerics.md.
       * `renorm=True` raises NotImplementedError (renorm False/None keys are accepted).
       * The masked mean is exact: Keras divides by (count + 1e-7), a bias that only
         shows when a channel has about one unmasked position (variance ~0).
@@ -131,6 +145,8 @@ class BatchNormalization(Layer):
         self.center = _check_bool(center, "center")
         self.scale = _check_bool(scale, "scale")
         self.synchronized = _check_bool(synchronized, "synchronized")
+        # The strategy is fixed at construction, as in Keras; a replica-local layer needs none.
+        self._strategy = get_strategy() if self.synchronized else None
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -284,34 +300,52 @@ class BatchNormalization(Layer):
         shift = self._stats_shift(local_mean)
         s1, s2 = _ops.shifted_sums(count, local_mean, m2, shift)
         buf = self._reduce_stats(_ops.pack_moments(count, s1, s2))
-        count, s1, s2 = _ops.unpack_moments(buf)
-        mean, var = _ops.moments_from_sums(count, s1, s2, shift)
-        return mean, var, count
+        total, s1, s2 = _ops.unpack_moments(buf)
+        mean, var = _ops.moments_from_sums(total, s1, s2, shift)
+        if self._replicas_in_sync > 1 and _ill_conditioned(total, mean - shift, var):
+            # S2/N - (S1/N)² cancels when the shift is far from the mean, relative to the
+            # spread (a fresh moving mean and uncentred data). Every rank sees the same
+            # global sums, so every rank takes this branch together: one more all-reduce
+            # of the exact centred sums M2_r + n_r (mean_r - mean)² fixes the variance.
+            centred = m2 + count * np.square(local_mean - mean)
+            var = self._reduce_stats(np.ascontiguousarray(centred)) / np.maximum(total, 1.0)
+        return mean, var, total
 
-    # --- hooks for synchronized statistics -------------------------------------------------
+    # --- synchronized statistics ----------------------------------------------------------
+    @property
+    def _replicas_in_sync(self) -> int:
+        """How many replicas share this layer's batch statistics (1: replica-local)."""
+        return 1 if self._strategy is None else self._strategy.sync_group_size
+
     def _stats_shift(self, local_mean):
         """The per-channel shift K of the shifted sums.
 
-        Replica-local, the exact local mean (S1 = 0, S2 = M2: no cancellation at all).
-        Summed across replicas K must be identical everywhere: the moving mean; then
-        var = S2/N - (S1/N)² loses about eps·(mean - K)²/var relatively.
+        Alone, the exact local mean (S1 = 0, S2 = M2: no cancellation at all). Summed
+        across replicas K must be identical everywhere: the moving mean, which tracks
+        the batch mean once warmed up; `_batch_moments` repairs the variance when K is
+        too far off.
         """
-        if self.synchronized:
+        if self._replicas_in_sync > 1:
             return self.moving_mean.value.astype(np.float64)
         return local_mean
 
     def _reduce_stats(self, buffer):
-        """Sum the packed float64 forward buffer [S1, S2, n] over replicas (here: local).
+        """Sum a packed float64 statistics buffer over the sync group, in place.
 
-        Called exactly once per training-mode forward, even for an empty local batch.
+        Called once per training-mode forward (also for an empty local batch); no MPI
+        call with a single replica.
         """
+        if self._replicas_in_sync > 1:
+            self._strategy.sync_all_reduce(buffer, name=f"{self.name}/forward")
         return buffer
 
     def _reduce_grad_sums(self, buffer):
-        """Sum the packed float64 backward buffer [Σdy, Σdy·x̂] over replicas (here: local).
+        """Sum the packed float64 backward buffer [Σdy, Σdy·x̂] over the sync group.
 
-        Called exactly once per training-mode backward. May work in place.
+        Called once per training-mode backward. Works in place.
         """
+        if self._replicas_in_sync > 1:
+            self._strategy.sync_all_reduce(buffer, name=f"{self.name}/backward")
         return buffer
 
     # --- backward --------------------------------------------------------------------------

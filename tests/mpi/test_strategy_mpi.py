@@ -4,32 +4,15 @@ Every rank reaches the same collectives, then asserts; expected values are compu
 from the rank numbers, so the tests hold at any size.
 """
 
-import collections
-
 import numpy as np
 import pytest
+from comm_helpers import counting_comm_class
 from mpi4py import MPI
 
 import distbn
 from distbn.distribute import strategy as strategy_mod
 from distbn.distribute.abort import abort_hook_installed
 from distbn.distribute.mpi import _adopt
-
-
-def counting_comm_class():
-    """A fresh Intracomm subclass counting every communication method called on it."""
-
-    class CountingComm(MPI.Intracomm):
-        calls = collections.Counter()  # class-level: Dup makes instances without __init__
-
-    for meth in ("Allreduce", "Bcast", "Barrier", "allgather", "allreduce", "bcast",
-                 "Dup", "Split", "Split_type"):
-        def counted(self, *args, _meth=meth, **kwargs):
-            CountingComm.calls[_meth] += 1
-            return getattr(MPI.Intracomm, _meth)(self, *args, **kwargs)
-
-        setattr(CountingComm, meth, counted)
-    return CountingComm
 
 
 @pytest.fixture
