@@ -14,15 +14,17 @@ from distbn.layers.base import Layer
 
 __all__ = ["BatchNormalization"]
 
-# Above this ((mean - shift) / std)², the shifted float64 sums lose more than about
-# 1e-10 of the variance's relative accuracy (the loss is ~2^-53 times the ratio).
+# Above this (mean - shift)² / (var + epsilon), the shifted float64 sums lose more than
+# about 1e-10 of the accuracy of var + epsilon, which is what the output depends on (the
+# loss is ~2^-53 times the ratio). Counting epsilon keeps constant channels (var = 0)
+# from triggering the corrective pass at every step.
 _CONDITION_LIMIT = 1e6
 
 
-def _ill_conditioned(count, offset, var) -> bool:
+def _ill_conditioned(count, offset, var, epsilon) -> bool:
     """Whether any channel's shifted variance may have lost accuracy to cancellation."""
     seen = count > 0
-    return bool(np.any(seen & (np.square(offset) > _CONDITION_LIMIT * var)))
+    return bool(np.any(seen & (np.square(offset) > _CONDITION_LIMIT * (var + epsilon))))
 
 # tf.keras 2 config keys that Keras 3 dropped: accepted by from_config while they ask
 # for nothing distbn lacks.
@@ -302,7 +304,8 @@ class BatchNormalization(Layer):
         buf = self._reduce_stats(_ops.pack_moments(count, s1, s2))
         total, s1, s2 = _ops.unpack_moments(buf)
         mean, var = _ops.moments_from_sums(total, s1, s2, shift)
-        if self._replicas_in_sync > 1 and _ill_conditioned(total, mean - shift, var):
+        if self._replicas_in_sync > 1 and _ill_conditioned(total, mean - shift, var,
+                                                                self.epsilon):
             # S2/N - (S1/N)² cancels when the shift is far from the mean, relative to the
             # spread (a fresh moving mean and uncentred data). Every rank sees the same
             # global sums, so every rank takes this branch together: one more all-reduce
