@@ -11,15 +11,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall only when the package metadata changes (editable install: code changes need nothing).
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[mpich,test]"
+	$(BIN)/python -m pip install --quiet -e ".[mpich,test,progress]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The quickstart: a small CNN with synchronized BatchNormalization on 2 ranks (about a
+# minute on 2 cores); writes runs/quickstart-<timestamp>/.
 run: $(STAMP)
-	$(BIN)/mpiexec -n 2 $(BIN)/python -m mpi4py -m distbn info
+	$(BIN)/distbn launch -n 2 configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

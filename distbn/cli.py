@@ -1,8 +1,11 @@
-"""The `distbn` command: `distbn info`, and the subcommands later issues add."""
+"""The `distbn` command: `distbn info`, `distbn train`, `distbn launch`."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import subprocess
 import sys
 
 __all__ = ["main"]
@@ -21,6 +24,93 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finalize_mpi_if_running() -> None:
+    """End MPI cleanly before a collective non-zero exit.
+
+    Every rank returns the same code together, so finalizing is safe, and it keeps
+    `python -m mpi4py` from turning the exit status into an MPI_Abort (whose banner
+    would bury the one-line error).
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        if mpi.COMM_WORLD.Get_size() > 1:
+            mpi.Finalize()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from distbn.distribute import get_strategy
+    from distbn.train import trainer
+
+    world = get_strategy()
+    try:
+        code = trainer.run(args.config, overrides=args.set or (), run_dir=args.run_dir,
+                           verbose=args.verbose, strategy=world)
+    except KeyboardInterrupt:
+        if world.num_replicas_in_sync > 1:
+            raise  # the abort hook ends every rank
+        print("distbn train: interrupted", file=sys.stderr, flush=True)
+        return 130
+    if code:
+        _finalize_mpi_if_running()
+    return code
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The `distbn train` arguments that `launch` passes on."""
+    argv = [args.config]
+    for item in args.set or ():
+        argv += ["--set", item]
+    if args.run_dir is not None:
+        argv += ["--run-dir", args.run_dir]
+    if args.verbose:
+        argv.append("--verbose")
+    return argv
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from distbn.mpiexec import mpiexec_command, one_thread_env
+    from distbn.train.progress import TTY_ENV
+
+    if args.n < 1:
+        print(f"distbn launch: error: -n must be >= 1, got {args.n}", file=sys.stderr)
+        return 2
+    if args.hostfile is not None and not os.path.isfile(args.hostfile):
+        print(f"distbn launch: error: hostfile {args.hostfile!r} does not exist",
+              file=sys.stderr)
+        return 2
+    argv = [sys.executable, "-m", "mpi4py", "-m", "distbn", "train", *_train_argv(args)]
+    try:
+        cmd = mpiexec_command(args.n, argv, mpiexec=args.mpiexec, hostfile=args.hostfile)
+    except FileNotFoundError as exc:
+        print(f"distbn launch: error: {exc}", file=sys.stderr)
+        return 2 if args.mpiexec else 1
+    env = one_thread_env()
+    try:
+        if sys.stderr.isatty():
+            env.setdefault(TTY_ENV, "1")  # the ranks' progress bar still reaches a terminal
+    except (AttributeError, ValueError):
+        pass
+    print(f"distbn launch: {shlex.join(cmd)}", flush=True)
+    try:
+        proc = subprocess.run(cmd, env=env)
+    except KeyboardInterrupt:  # mpiexec got the SIGINT too and ends the ranks
+        return 130
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG",
+                   help="the YAML config (e.g. configs/quickstart.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable; "
+                        "VALUE is read as YAML)")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="where config.yaml, metrics.jsonl and model.npz go "
+                        "(default runs/<config stem>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--verbose", action="store_true",
+                   help="every rank prints its progress lines; rank 0 prints the model summary")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import distbn
 
@@ -35,6 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, BLAS, MPI library and the ranks' hosts")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "train", help="train a YAML-configured model (one process, or under mpiexec/srun)",
+        description="Train the model a YAML config describes. Run it as one process, or "
+                    "under mpiexec/srun (python -m mpi4py -m distbn train ...) for data "
+                    "parallelism; exit status 0 done, 2 usage or config error, 1 failure.")
+    _add_train_options(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "launch", help="run `distbn train` on N local ranks through mpiexec",
+        description="Run `mpiexec -n N python -m mpi4py -m distbn train CONFIG ...` with one "
+                    "BLAS/OpenMP thread per rank (unless set), print the command, and exit "
+                    "with its status.")
+    p.add_argument("-n", type=int, required=True, metavar="N", help="number of ranks")
+    p.add_argument("--hostfile", metavar="FILE", help="hosts for mpiexec (-f / --hostfile)")
+    p.add_argument("--mpiexec", metavar="PATH",
+                   help="the mpiexec to use (default: $DISTBN_MPIEXEC, the venv's, PATH)")
+    _add_train_options(p)
+    p.set_defaults(func=_cmd_launch)
+
+
     return parser
 
 

@@ -1,0 +1,317 @@
+"""From a validated `Config` to the objects training needs: data, model, optimizer, loss.
+
+Everything here is local work (no collective), so every rank can build, and the caller
+decides collectively whether all of them succeeded. Problems in the model section are
+`ConfigError`s located at the layer entry's YAML line (`LayerSpec.error`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+
+import numpy as np
+
+from distbn import random as _random
+from distbn.layers import registry
+from distbn.layers.base import _snake_case
+from distbn.models import Sequential
+from distbn.train import data as _data
+from distbn.train import losses as _losses
+from distbn.train import optimizers as _optimizers
+from distbn.train import schedules as _schedules
+from distbn.train.config import ConfigError
+
+__all__ = [
+    "Dataset",
+    "load_dataset",
+    "layer_kwargs",
+    "build_model",
+    "total_steps",
+    "build_schedule",
+    "build_optimizer",
+    "build_loss",
+]
+
+
+class Dataset:
+    """The train and test splits, in the model's dtype and data format.
+
+    Attributes:
+        x_train, y_train, x_test, y_test: arrays; x in `data_format`, y int64 labels.
+        num_classes: the number of classes.
+        input_shape: one sample's shape in `data_format` (no batch axis).
+    """
+
+    def __init__(self, x_train, y_train, x_test, y_test, num_classes):
+        self.x_train, self.y_train = x_train, y_train
+        self.x_test, self.y_test = x_test, y_test
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(x_train.shape[1:])
+
+    def __repr__(self) -> str:
+        return (f"Dataset(train={self.x_train.shape}, test={self.x_test.shape}, "
+                f"num_classes={self.num_classes})")
+
+
+def load_dataset(config) -> Dataset:
+    """Load (or generate) the data a config names, cast and laid out for its model.
+
+    Args:
+        config: a validated `Config`.
+
+    Returns:
+        A `Dataset`. Raises `data.DataError` for an unusable .npz file.
+    """
+    d, m = config.data, config.model
+    if d.name == "patterns":
+        x_train, y_train, x_test, y_test = _data.make_patterns(
+            d.n_train, d.n_test, image_size=d.image_size, num_classes=d.num_classes,
+            seed=config.seed, dtype=m.dtype)
+    else:
+        x_train, y_train, x_test, y_test = _data.load_npz(d.path, num_classes=d.num_classes)
+        # n_train/n_test: "the first n samples" of the user's file.
+        if d.n_train is not None:
+            x_train, y_train = x_train[:d.n_train], y_train[:d.n_train]
+        if d.n_test is not None:
+            x_test, y_test = x_test[:d.n_test], y_test[:d.n_test]
+        x_train = x_train.astype(m.dtype, copy=False)
+        x_test = x_test.astype(m.dtype, copy=False)
+    return Dataset(_data.to_data_format(x_train, m.data_format), y_train,
+                   _data.to_data_format(x_test, m.data_format), y_test, d.num_classes)
+
+
+def _accepted_arguments(cls) -> tuple[list[str], bool]:
+    """Keyword arguments `cls(...)` accepts, following `**kwargs` up the MRO.
+
+    Returns:
+        (names, open): open is True when some __init__ takes **kwargs that no base
+        class consumes, i.e. any name is accepted.
+    """
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind in
+                  (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names, False
+        if klass.__name__ == "Layer":  # Layer's **kwargs only exists to reject extras
+            return names, False
+    return names, True
+
+
+def _blame(message: str, kwargs: dict):
+    """The argument an error message is about ("momentum=1.5" names momentum), or None."""
+    for key in kwargs:
+        if f"{key}=" in message or message.startswith(f"{key} "):
+            return key
+    return None
+
+
+def layer_kwargs(spec, model_config) -> tuple[type, dict]:
+    """Resolve one `model.layers` entry to its class and constructor arguments.
+
+    Adds the model-wide defaults: `synchronized` for BatchNormalization entries that do
+    not set it, `data_format` for layers that take one, and `dtype=model.dtype`.
+
+    Args:
+        spec: a `LayerSpec`.
+        model_config: the `ModelConfig` it belongs to.
+
+    Returns:
+        (layer class, kwargs). Raises `ConfigError` quoting the entry's YAML line.
+    """
+    try:
+        cls = registry.get_layer_class(spec.type)
+    except ValueError as err:
+        raise spec.error("type", str(err)) from None
+    accepted, open_kwargs = _accepted_arguments(cls)
+    kwargs = dict(spec.kwargs)
+    if not open_kwargs:
+        for key in kwargs:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else \
+                    "accepted: " + ", ".join(accepted)
+                raise spec.error(key, f"unknown argument {key!r} for layer type "
+                                      f"{spec.type!r} ({hint})")
+    if "dtype" in kwargs and kwargs["dtype"] != model_config.dtype:
+        # One dtype per model: mixing would silently cast activations between layers.
+        raise spec.error("dtype", f"layers take model.dtype ({model_config.dtype!r}); "
+                                  f"remove this key or set model.dtype, got {kwargs['dtype']!r}")
+    kwargs["dtype"] = model_config.dtype
+    if cls.__name__ == "BatchNormalization":
+        kwargs.setdefault("synchronized", model_config.synchronized)
+    if "data_format" in accepted:
+        kwargs.setdefault("data_format", model_config.data_format)
+    return cls, kwargs
+
+
+def _auto_names(specs) -> list[str]:
+    """Keras-style names per model (conv2d, conv2d_1, ...), avoiding names given in YAML.
+
+    Per model rather than per process, so model.npz keys do not depend on what else the
+    process built before.
+    """
+    taken = {s.kwargs["name"] for s in specs if isinstance(s.kwargs.get("name"), str)}
+    counts: dict[str, int] = {}
+    names = []
+    for spec in specs:
+        if "name" in spec.kwargs:
+            names.append(spec.kwargs["name"])
+            continue
+        try:
+            base = _snake_case(registry.get_layer_class(spec.type).__name__)
+        except ValueError:
+            base = _snake_case(spec.type)  # reported properly by layer_kwargs
+        while True:
+            n = counts.get(base, 0)
+            counts[base] = n + 1
+            name = base if n == 0 else f"{base}_{n}"
+            if name not in taken:
+                break
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def build_model(config, input_shape, num_classes=None, strategy=None) -> Sequential:
+    """Build and initialise the model a config describes.
+
+    The process-wide generator is reseeded with `config.seed` first, so every rank
+    builds the same initial weights. Layers are created inside `strategy.scope()`, since
+    BatchNormalization takes its strategy when constructed.
+
+    Args:
+        config: a validated `Config`.
+        input_shape: one sample's shape (no batch axis), in `model.data_format`.
+        num_classes: if given, the model's output must be `(batch, num_classes)`.
+        strategy: the strategy synchronized layers use; None: the current one.
+
+    Returns:
+        A built `Sequential`. Raises `ConfigError` located at the offending entry.
+    """
+    _random.set_seed(config.seed)
+    specs = config.model.layers
+    names = _auto_names(specs)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    layers = []
+    with scope:
+        for spec, name in zip(specs, names, strict=True):
+            cls, kwargs = layer_kwargs(spec, config.model)
+            kwargs["name"] = name
+            try:
+                layers.append(cls(**kwargs))
+            except (TypeError, ValueError, NotImplementedError) as err:
+                raise spec.error(_blame(str(err), spec.kwargs), f"{spec.type}: {err}") from None
+    try:
+        model = Sequential(layers, name="model")
+    except ValueError as err:  # duplicate layer names
+        dup = next(s for s, n in zip(specs, names, strict=True)
+                   if names.count(n) > 1 and "name" in s.kwargs)
+        raise dup.error("name", str(err)) from None
+    # Build layer by layer so a shape problem is blamed on its entry.
+    shape = (None,) + tuple(input_shape)
+    for spec, layer in zip(specs, layers, strict=True):
+        try:
+            layer.build(shape)
+            layer.built = True
+            shape = tuple(layer.compute_output_shape(shape))
+        except (TypeError, ValueError) as err:
+            raise spec.error(None, f"{spec.type} {layer.name!r} cannot take input shape "
+                                   f"{shape}: {err}") from None
+    model.build((None,) + tuple(input_shape))
+    if num_classes is not None and shape != (None, num_classes):
+        raise specs[-1].error(None, f"the model's output shape is {shape}, but the data "
+                                    f"have {num_classes} classes: end with a layer of "
+                                    f"output shape (None, {num_classes}), e.g. "
+                                    f"{{type: Dense, units: {num_classes}}}")
+    return model
+
+
+def total_steps(config, n_train) -> int:
+    """Optimizer steps the run takes: `train.steps`, or epochs times batches per epoch.
+
+    Args:
+        config: a validated `Config`.
+        n_train: number of training samples.
+
+    Returns:
+        The number of steps (>= 1). Raises `ConfigError` when an epoch has no batch.
+    """
+    t = config.train
+    per_epoch = _data.steps_per_epoch(n_train, t.global_batch_size, t.drop_last)
+    if per_epoch == 0:
+        raise ConfigError(f"{config.source}: train.global_batch_size: {t.global_batch_size} "
+                          f"is larger than the {n_train} training samples with drop_last "
+                          "true, so an epoch has no batch", path="train.global_batch_size")
+    return t.steps if t.steps is not None else t.epochs * per_epoch
+
+
+def build_schedule(optimizer_config, steps) -> _schedules.LearningRateSchedule:
+    """The learning-rate schedule of `train.optimizer`.
+
+    Args:
+        optimizer_config: an `OptimizerConfig`.
+        steps: total training steps (cosine with decay_steps null decays over
+            `steps - warmup_steps`, at least 1).
+
+    Returns:
+        A `LearningRateSchedule`.
+    """
+    s, lr = optimizer_config.schedule, optimizer_config.learning_rate
+    if s.name == "constant":
+        return _schedules.Constant(lr, warmup_steps=s.warmup_steps)
+    if s.name == "step":
+        return _schedules.StepDecay(lr, s.decay_steps, decay_rate=s.decay_rate,
+                                    warmup_steps=s.warmup_steps)
+    decay = s.decay_steps if s.decay_steps is not None else max(steps - s.warmup_steps, 1)
+    return _schedules.CosineDecay(lr, decay, alpha=s.alpha, warmup_steps=s.warmup_steps)
+
+
+def build_optimizer(optimizer_config, steps) -> _optimizers.Optimizer:
+    """The optimizer of `train.optimizer`, with its schedule.
+
+    Args:
+        optimizer_config: an `OptimizerConfig`.
+        steps: total training steps (for a cosine schedule's default length).
+
+    Returns:
+        An `Optimizer`.
+    """
+    o = optimizer_config
+    lr = build_schedule(o, steps)
+    decay = o.weight_decay or None
+    if o.name == "sgd":
+        return _optimizers.SGD(learning_rate=lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=decay)
+    if o.name == "adam":
+        return _optimizers.Adam(learning_rate=lr, beta_1=o.beta_1, beta_2=o.beta_2,
+                                epsilon=o.epsilon, weight_decay=decay)
+    return _optimizers.AdamW(learning_rate=lr, weight_decay=o.weight_decay, beta_1=o.beta_1,
+                             beta_2=o.beta_2, epsilon=o.epsilon)
+
+
+def build_loss(train_config, num_classes, dtype):
+    """The loss as `fn(outputs, labels) -> (per-sample losses, d(sum)/d(outputs))`.
+
+    Args:
+        train_config: a `TrainConfig` (its `loss`).
+        num_classes: number of classes (mse compares against one-hot labels).
+        dtype: the model dtype (of the one-hot targets).
+
+    Returns:
+        The function.
+    """
+    if train_config.loss == "sparse_categorical_crossentropy":
+        return _losses.sparse_categorical_crossentropy
+    eye = np.eye(num_classes, dtype=dtype)
+
+    def mse_one_hot(outputs, labels):
+        return _losses.mean_squared_error(outputs, eye[labels])
+
+    return mse_one_hot

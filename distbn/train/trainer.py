@@ -1,0 +1,567 @@
+"""The data-parallel trainer: N ranks reproduce one rank on the same global batches.
+
+Each step every rank draws the same global batch (`BatchSchedule`: a permutation per
+epoch from the seed), takes its contiguous slice (`shard_slice`; uneven or empty slices
+are fine), runs forward and backward on it with the loss gradient divided by the
+GLOBAL batch length, and the gradients are summed over ranks in buckets
+(`GradientAllReduce`). Summed, the ranks' gradients are the one-process gradient of the
+mean loss; synchronized BatchNormalization makes the forward pass match too. Weights
+start identical (seeded build, then rank 0's broadcast), so every rank applies the same
+update. Regularization gradients are added on rank 0 only, so the sum has them once.
+
+`Trainer` is the object; `run` is what `distbn train` calls: it makes every decision
+that could end the run before training (config, run directory, model) collectively, so
+a bad config exits 2 on every rank at once with the error printed once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from distbn.distribute import get_strategy
+from distbn.train import builder
+from distbn.train.buckets import GradientAllReduce, broadcast_weights
+from distbn.train.config import ConfigError, config_hash, load_config
+from distbn.train.data import BatchSchedule, DataError, shard_slice
+from distbn.train.losses import accuracy as _count_correct
+from distbn.train.optimizers import clip_gradients
+from distbn.train.progress import make_progress
+from distbn.train.rundir import MODEL_FILE, RunDir, RunDirError, check_run_dir, default_run_dir
+
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "TrainingError", "Trainer", "run"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # usage or config error: nothing was trained or written
+
+
+class TrainingError(RuntimeError):
+    """A failure every rank detects at the same step (e.g. a non-finite gradient norm)."""
+
+
+def _is_bn(layer) -> bool:
+    # By name, not isinstance: the trainer must not pin one BatchNormalization class.
+    return type(layer).__name__ == "BatchNormalization"
+
+
+class Trainer:
+    """Trains a config's model on its data over a strategy's replicas.
+
+    Construction is local work only (data, model, optimizer; no collective), so a
+    caller can check collectively that every rank built before training. `fit()` and
+    `evaluate()` are collective: every rank must call them.
+
+    Args:
+        config: a validated `Config`.
+        strategy: the `Strategy` (default `get_strategy()`); its BatchNormalization
+            layers are built inside `strategy.scope()`.
+        run_dir: the run directory (rank 0 writes it), or None to write nothing.
+        verbose: ranks other than 0 print their progress lines too; rank 0 prints the
+            model summary.
+        out: stream for progress lines and the summary (default sys.stdout).
+        dataset: a `builder.Dataset` to use instead of loading the config's data.
+
+    Attributes:
+        model, optimizer, dataset, strategy, config: the pieces.
+        step: optimizer steps taken.
+        total_steps: steps `fit()` runs to.
+        history: every metrics record (identical on every rank; rank 0 writes them).
+    """
+
+    def __init__(self, config, strategy=None, run_dir=None, verbose=False, out=None,
+                 dataset=None):
+        self.config = config
+        self.strategy = strategy if strategy is not None else get_strategy()
+        self.rank = self.strategy.replica_id
+        self.world = self.strategy.num_replicas_in_sync
+        self.verbose = bool(verbose)
+        self.out = out
+        self.dataset = dataset if dataset is not None else builder.load_dataset(config)
+        t = config.train
+        n_train = len(self.dataset.y_train)
+        self.total_steps = builder.total_steps(config, n_train)
+        self.batches = BatchSchedule(n_train, t.global_batch_size, config.seed, t.drop_last)
+        self.model = builder.build_model(config, self.dataset.input_shape,
+                                         self.dataset.num_classes, self.strategy)
+        self.optimizer = builder.build_optimizer(t.optimizer, self.total_steps)
+        self.loss_fn = builder.build_loss(t, self.dataset.num_classes, config.model.dtype)
+        self.run_dir = RunDir(run_dir) if run_dir is not None and self.rank == 0 else None
+        self.run_dir_path = None if run_dir is None else str(run_dir)
+        self.step = 0
+        self.history: list[dict] = []
+        self._opened = False
+        self._started = False
+        self._window = np.zeros(3)  # this rank's [loss sum, correct, count] since last flush
+        self._epoch_totals = np.zeros(3)  # global, since the current epoch began
+        self._epoch = 0
+        self._last = {}
+
+    # --- set-up ------------------------------------------------------------------------------
+    def open_run_dir(self) -> list[str]:
+        """Rank 0: create the run directory and write config.yaml (local, not collective).
+
+        Returns:
+            Names of a previous run's files that were removed.
+        """
+        self._opened = True
+        if self.run_dir is None:
+            return []
+        removed = self.run_dir.create()
+        self.run_dir.write_config(self.config)
+        return removed
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        if not self._opened:
+            self.open_run_dir()
+        # Seeded builds agree already; the broadcast makes it true whatever a rank's
+        # BLAS or initializer did, moving statistics included.
+        broadcast_weights(self.strategy, self.model.weights)
+        self._trainable = self.model.trainable_weights
+        self.optimizer.build(self._trainable)
+        self._reduce = GradientAllReduce(self.strategy, self._trainable)
+        self._started = True
+
+    # --- one step ----------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """Run one optimizer step (collective).
+
+        Returns:
+            {"epoch", "learning_rate", "grad_norm"} of the step taken.
+        """
+        self._start()
+        step = self.step
+        epoch, _, indices = self.batches.batch_at(step)
+        n_global = len(indices)
+        local = indices[shard_slice(n_global, self.rank, self.world)]
+        x = self.dataset.x_train[local]
+        y = self.dataset.y_train[local]
+        out = self.model(x, training=True, sample_ids=local, step=step)
+        per_sample, dout = self.loss_fn(out, y)
+        # d(mean over the GLOBAL batch): each rank's share, so the ranks' sum is exact.
+        dout = dout / np.asarray(n_global, dtype=dout.dtype)
+        self.model.backward(dout, regularization_scale=1.0 if self.rank == 0 else 0.0)
+        self._reduce()
+        clip = self.config.train.optimizer.global_clipnorm
+        if clip is not None:
+            norm = clip_gradients(self._trainable, clip)
+        else:
+            norm = math.sqrt(sum(float(np.sum(np.square(v.grad, dtype=np.float64)))
+                                 for v in self._trainable if v.grad is not None))
+        # The summed gradients are identical on every rank, so this is a collective
+        # decision without a message.
+        if not math.isfinite(norm):
+            raise TrainingError(
+                f"non-finite gradient norm ({norm}) at step {step + 1} (epoch {epoch}): the "
+                "loss diverged; lower train.optimizer.learning_rate or set "
+                "train.optimizer.global_clipnorm")
+        lr = self.optimizer.learning_rate
+        self.optimizer.apply(self._trainable)
+        self.step += 1
+        self._window += (float(np.sum(per_sample)), _count_correct(out, y), len(local))
+        self._last = {"epoch": epoch, "learning_rate": lr, "grad_norm": norm}
+        return dict(self._last)
+
+    def _flush(self) -> np.ndarray:
+        """All-reduce the window's [loss sum, correct, count]; add it to the epoch's."""
+        window = self.strategy.all_reduce(self._window.copy(), op="sum", name="train.metrics")
+        self._window[:] = 0
+        self._epoch_totals += window
+        return window
+
+    # --- evaluation --------------------------------------------------------------------------
+    def _unsynced_bn_statistics(self) -> list:
+        """Moving statistics that differ between replicas: replica-local BN layers, or
+        synchronized ones whose sync group is smaller than the world."""
+        if self.world == 1:
+            return []
+        whole = self.strategy.sync_group_size == self.world
+        out = []
+        for layer in self.model.layers:
+            if _is_bn(layer) and not (layer.synchronized and whole):
+                out += [layer.moving_mean, layer.moving_variance]
+        return out
+
+    def _replica_means(self, variables) -> list[np.ndarray]:
+        """The mean over replicas of each variable (one float64 all-reduce)."""
+        if not variables:
+            return []
+        sizes = [v.value.size for v in variables]
+        buf = np.concatenate([v.value.astype(np.float64).ravel() for v in variables])
+        self.strategy.all_reduce(buf, op="sum", name="bn.moving_statistics")
+        buf /= self.world
+        parts = np.split(buf, np.cumsum(sizes)[:-1])
+        return [p.reshape(v.shape) for p, v in zip(parts, variables, strict=True)]
+
+    def average_bn_statistics(self) -> None:
+        """Replace replica-local moving statistics by their mean over replicas (collective).
+
+        What model.npz holds for `synchronized: false`: one model, not N.
+        """
+        stats = self._unsynced_bn_statistics()
+        for var, mean in zip(stats, self._replica_means(stats), strict=True):
+            var.assign(mean)
+
+    def evaluate(self, split="test") -> dict:
+        """Loss and accuracy on a split, sharded over ranks, in inference mode (collective).
+
+        Replica-local moving statistics are averaged over replicas for the evaluation
+        (and restored after), so every rank evaluates the model that would be saved.
+
+        Args:
+            split: "test" or "train".
+
+        Returns:
+            {"split", "step", "epoch", "loss", "accuracy", "samples"}; loss and accuracy
+            are None for an empty split. The loss includes the regularization penalty.
+        """
+        if split not in ("test", "train"):
+            raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+        self._start()
+        x_all = getattr(self.dataset, f"x_{split}")
+        y_all = getattr(self.dataset, f"y_{split}")
+        part = shard_slice(len(y_all), self.rank, self.world)
+        stats = self._unsynced_bn_statistics()
+        saved = [v.numpy() for v in stats]
+        for var, mean in zip(stats, self._replica_means(stats), strict=True):
+            var.assign(mean)
+        try:
+            totals = np.zeros(3)
+            chunk = max(self.config.train.global_batch_size, 256)
+            for start in range(part.start, part.stop, chunk):
+                stop = min(start + chunk, part.stop)
+                out = self.model(x_all[start:stop], training=False)
+                per_sample, _ = self.loss_fn(out, y_all[start:stop])
+                totals += (float(np.sum(per_sample)), _count_correct(out, y_all[start:stop]),
+                           stop - start)
+        finally:
+            for var, value in zip(stats, saved, strict=True):
+                var.assign(value)
+        self.strategy.all_reduce(totals, op="sum", name=f"eval.{split}")
+        loss_sum, correct, count = totals
+        record = {"split": split, "step": self.step, "epoch": self._epoch_of_last_step(),
+                  "loss": None, "accuracy": None, "samples": int(count)}
+        if count:
+            record["loss"] = loss_sum / count + self.model.regularization_loss
+            record["accuracy"] = correct / count
+        return record
+
+    def _epoch_of_last_step(self) -> int:
+        return 0 if self.step == 0 else (self.step - 1) // self.batches.steps_per_epoch
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _record(self, record) -> None:
+        self.history.append(record)
+        if self.run_dir is not None:
+            self.run_dir.log(record)
+
+    def fit(self) -> dict:
+        """Train to `total_steps`, evaluating every `train.eval_every` steps and at the
+        end; average replica-local BN statistics; save model.npz (collective).
+
+        Returns:
+            The summary: steps, epochs, train_loss/train_accuracy (running mean over
+            the last epoch's steps), test_loss/test_accuracy, samples_per_sec (training
+            only), wall_time, run_dir, model_file.
+        """
+        cfg = self.config
+        self._start()
+        progress = make_progress(cfg.logging.progress, self.rank, self.total_steps,
+                                 self.verbose, self.out)
+        self._header()
+        every, eval_every = cfg.logging.every_steps, cfg.train.eval_every
+        per_epoch = self.batches.steps_per_epoch
+        start = time.perf_counter()
+        window_start, window_samples = start, 0
+        train_seconds = 0.0
+        train_samples = 0
+        test = None
+        try:
+            while self.step < self.total_steps:
+                epoch, _, indices = self.batches.batch_at(self.step)
+                if epoch != self._epoch:
+                    self._epoch, self._epoch_totals[:] = epoch, 0
+                self.train_step()
+                window_samples += len(indices)
+                step = self.step
+                last = step == self.total_steps
+                epoch_end = step % per_epoch == 0
+                stats = None
+                if step % every == 0 or last or epoch_end:
+                    window = self._flush()
+                    if step % every == 0 or last:
+                        now = time.perf_counter()
+                        elapsed = now - window_start
+                        train_seconds += elapsed
+                        train_samples += window_samples
+                        stats = self._train_record(window, window_samples / max(elapsed, 1e-9),
+                                                   now - start)
+                        self._record(stats)
+                        window_start, window_samples = now, 0
+                progress.step(step, stats)
+                if eval_every and step % eval_every == 0 and not last:
+                    test = self._eval_and_log(progress, start)
+                    window_start = time.perf_counter()  # evaluation is not training time
+            self.average_bn_statistics()
+            test = self._eval_and_log(progress, start)
+        finally:
+            progress.close()
+        self._check_replicas_agree()
+        model_file = None
+        if self.run_dir is not None:
+            model_file = self.run_dir.save_weights(self.model.get_weight_dict())
+            self.run_dir.close()
+        totals = self._epoch_totals
+        summary = {
+            "steps": self.step,
+            "epochs": self.step / per_epoch,
+            "train_loss": totals[0] / totals[2] + self.model.regularization_loss
+            if totals[2] else None,
+            "train_accuracy": totals[1] / totals[2] if totals[2] else None,
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "test_samples": test["samples"],
+            "samples_per_sec": train_samples / train_seconds if train_seconds else None,
+            "wall_time": time.perf_counter() - start,
+            "run_dir": self.run_dir_path,
+            "model_file": model_file,
+        }
+        self._print_summary(summary)
+        return summary
+
+    def _train_record(self, window, samples_per_sec, wall) -> dict:
+        loss_sum, correct, count = window
+        return {
+            "split": "train",
+            "step": self.step,
+            "epoch": self._last["epoch"],
+            "loss": (loss_sum / count if count else float("nan"))
+            + self.model.regularization_loss,
+            "accuracy": correct / count if count else float("nan"),
+            "learning_rate": self._last["learning_rate"],
+            "grad_norm": self._last["grad_norm"],
+            "samples_per_sec": samples_per_sec,
+            "wall_time": wall,
+        }
+
+    def _eval_and_log(self, progress, start) -> dict:
+        record = self.evaluate("test")
+        record["wall_time"] = time.perf_counter() - start
+        self._record(record)
+        if record["samples"]:
+            progress.message(f"eval step {record['step']} test loss {record['loss']:.4f} "
+                             f"acc {record['accuracy']:.4f} ({record['samples']} samples)")
+        return record
+
+    def _check_replicas_agree(self) -> None:
+        """Warn (rank 0) if the replicas' final weights differ: a broken collective."""
+        if self.world == 1:
+            return
+        digest = hashlib.sha256()
+        for w in self.model.weights:
+            digest.update(np.ascontiguousarray(w.value).tobytes())
+        digests = self.strategy.allgather_object(digest.hexdigest(), name="train.weights_hash")
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        if odd and self.rank == 0:
+            print(f"[rank 0] warning: final weights differ from rank 0's on rank(s) {odd}; "
+                  "model.npz holds rank 0's", file=sys.stderr, flush=True)
+
+    # --- console -----------------------------------------------------------------------------
+    def _print(self, text) -> None:
+        print(f"[rank {self.rank}] {text}", file=self.out or sys.stdout, flush=True)
+
+    def _header(self) -> None:
+        if self.rank != 0:
+            return
+        if self.config.checkpoint.every_steps:
+            # distbn.train.checkpoint exists; saving and resuming are not wired in yet,
+            # and silently skipping a requested checkpoint would be worse than saying so.
+            print("[rank 0] warning: checkpoint.every_steps is set but this trainer does "
+                  "not write checkpoints yet; only model.npz is saved at the end",
+                  file=sys.stderr, flush=True)
+        if self.config.logging.progress == "none":
+            return
+        cfg, d = self.config, self.dataset
+        kind = type(self.strategy).__name__
+        bn = [la for la in self.model.layers if _is_bn(la)]
+        if bn and self.world > 1:
+            sync = [la.synchronized for la in bn]
+            how = ("synchronized" if all(sync) else "replica-local" if not any(sync)
+                   else "mixed synchronized/replica-local")
+            group = self.strategy.sync_group_size
+            kind += f", {how} BN" + (f" (groups of {group})" if any(sync) and
+                                     group < self.world else "")
+        per_epoch = self.batches.steps_per_epoch
+        self._print(f"{self.world} rank(s) ({kind}); {self.total_steps} steps "
+                    f"({self.total_steps / per_epoch:.3g} epochs of {per_epoch}), global batch "
+                    f"{cfg.train.global_batch_size}; {len(d.y_train)} train / {len(d.y_test)} "
+                    f"test samples; {self.model.count_params():,} parameters; run dir "
+                    f"{self.run_dir_path or '(none)'}")
+        if self.verbose:
+            print(self.model.summary(), file=self.out or sys.stdout, flush=True)
+
+    def _print_summary(self, s) -> None:
+        if self.rank != 0:
+            return
+
+        def num(v, fmt):
+            return "n/a" if v is None else format(v, fmt)
+
+        self._print(f"done: {s['steps']} steps ({s['epochs']:.3g} epochs) in "
+                    f"{s['wall_time']:.1f} s on {self.world} rank(s), "
+                    f"{num(s['samples_per_sec'], '.0f')} samples/s")
+        self._print(f"train loss {num(s['train_loss'], '.4f')} acc "
+                    f"{num(s['train_accuracy'], '.4f')} (running mean over the last epoch)")
+        self._print(f"test  loss {num(s['test_loss'], '.4f')} acc "
+                    f"{num(s['test_accuracy'], '.4f')} ({s['test_samples']} samples)")
+        if s["model_file"]:
+            self._print(f"wrote {s['run_dir']}/{{config.yaml, metrics.jsonl, {MODEL_FILE}}}")
+
+
+# --------------------------------------------------------------------------------------
+# `distbn train`: collective decisions around the Trainer
+
+
+def _agree(world, problem, name) -> list:
+    """Allgather this rank's `(code, message)` problem (None if fine); the list of all."""
+    return world.allgather_object(problem, name=name)
+
+
+def _report(world, problems, err) -> int:
+    """Print the problems once (rank 0) and return the exit code every rank uses."""
+    failing = [(r, p) for r, p in enumerate(problems) if p is not None]
+    if not failing:
+        return EXIT_OK
+    code = EXIT_USAGE if all(p[0] == EXIT_USAGE for _, p in failing) else EXIT_FAILURE
+    if world.replica_id == 0:
+        messages = [p[1] for _, p in failing]
+        if len(failing) == len(problems) and len(set(messages)) == 1:
+            text = messages[0]  # the usual case: every rank hit the same problem
+        else:
+            text = "\n".join(f"[rank {r}] {p[1]}" for r, p in failing)
+        print(f"distbn train: error: {text}", file=err or sys.stderr, flush=True)
+    return code
+
+
+def _check_hashes(digests) -> tuple | None:
+    if len(set(digests)) == 1:
+        return None
+    groups: dict = {}
+    for r, d in enumerate(digests):
+        groups.setdefault(d, []).append(r)
+    parts = [f"rank(s) {', '.join(map(str, ranks))}: sha256 {d[:12]}"
+             for d, ranks in groups.items()]
+    return (EXIT_USAGE, "the ranks hold different resolved configs (" + "; ".join(parts)
+            + "); every rank must read the same file with the same --set options")
+
+
+def _check_sync_group(config, size) -> tuple | None:
+    k = config.strategy.sync_group
+    if isinstance(k, int) and size % k:
+        divisors = [d for d in range(1, size + 1) if size % d == 0]
+        return (EXIT_USAGE, f"{config.source}: strategy.sync_group: must divide the number "
+                            f"of ranks ({size}), got {k} (valid: {divisors}, null or 'node')")
+    return None
+
+
+def _training_strategy(world, config):
+    """The strategy BN layers synchronize over: the world's, or one with the sync group."""
+    k = config.strategy.sync_group
+    if world.num_replicas_in_sync == 1 or k is None:
+        return world
+    from distbn.distribute import MPIStrategy
+
+    return MPIStrategy(comm=world.comm, sync_group=k)
+
+
+def run(config_path, overrides=(), run_dir=None, verbose=False, strategy=None, out=None,
+        err=None) -> int:
+    """`distbn train`: load, check, build and train, with collective decisions.
+
+    Every rank loads the config and builds the model; the outcomes are allgathered, so
+    a problem ends every rank together with the same exit code, printed once by rank 0.
+    Failures during training that are not collective raise, and under MPI the abort
+    hook (installed by MPIStrategy) ends the whole job.
+
+    Args:
+        config_path: the YAML config.
+        overrides: "KEY.PATH=VALUE" strings (`--set`).
+        run_dir: the run directory; default `runs/<config stem>-<timestamp>`, chosen by
+            rank 0 and shared.
+        verbose: other ranks print progress lines; rank 0 prints the model summary.
+        strategy: the world strategy (default `get_strategy()`).
+        out, err: streams for progress/summary and for errors (default stdout/stderr).
+
+    Returns:
+        0 done, 2 usage or config error (nothing trained or written), 1 failure.
+    """
+    world = strategy if strategy is not None else get_strategy()
+    rank, size = world.replica_id, world.num_replicas_in_sync
+
+    # 1. The config and, on rank 0, the run directory: checked before anything is written.
+    config, problem, path = None, None, None
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        problem = (EXIT_USAGE, str(exc))
+    if config is not None and rank == 0:
+        try:
+            path = check_run_dir(run_dir if run_dir is not None
+                                 else default_run_dir(config_path))
+        except RunDirError as exc:
+            problem = (EXIT_USAGE, str(exc))
+    digest = None if config is None else config_hash(config)
+    gathered = world.allgather_object((problem, digest, path), name="train.config")
+    code = _report(world, [g[0] for g in gathered], err)
+    if code:
+        return code
+    problem = _check_hashes([g[1] for g in gathered]) or _check_sync_group(config, size)
+    if _report(world, [problem] * size, err):  # identical on every rank: no message
+        return EXIT_USAGE
+    path = gathered[0][2]
+
+    # 2. Data, model and optimizer, on every rank.
+    trainer, problem = None, None
+    try:
+        train_strategy = _training_strategy(world, config)
+        trainer = Trainer(config, train_strategy, run_dir=path, verbose=verbose, out=out)
+    except (ConfigError, DataError) as exc:
+        problem = (EXIT_USAGE, str(exc))
+    except Exception as exc:  # a bug or an environment problem: keep the traceback
+        problem = (EXIT_FAILURE, "".join(traceback.format_exception(exc)).rstrip())
+    code = _report(world, _agree(world, problem, "train.setup"), err)
+    if code:
+        return code
+
+    # 3. Rank 0 creates the run directory; the others learn whether it could.
+    problem = None
+    if rank == 0:  # elsewhere open_run_dir writes nothing; it only marks the trainer ready
+        try:
+            removed = trainer.open_run_dir()
+            if removed:
+                print(f"[rank 0] note: replaced {', '.join(removed)} of a previous run in "
+                      f"{path}", file=err or sys.stderr, flush=True)
+        except OSError as exc:
+            problem = (EXIT_FAILURE, f"cannot write the run directory {path!r}: {exc}")
+    problem = world.broadcast_object(problem, root=0, name="train.run_dir")
+    code = _report(world, [problem] + [None] * (size - 1), err)
+    if code:
+        return code
+
+    # 4. Train. A TrainingError is raised on every rank at the same step.
+    if rank != 0:
+        trainer.open_run_dir()
+    try:
+        trainer.fit()
+    except TrainingError as exc:
+        if trainer.run_dir is not None:
+            trainer.run_dir.close()
+        return _report(world, [(EXIT_FAILURE, str(exc))] * size, err)
+    return EXIT_OK

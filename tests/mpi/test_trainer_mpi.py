@@ -1,0 +1,149 @@
+"""The trainer's collectives at several ranks (run by tests/test_mpi_suite.py at 2 and 3).
+
+Every rank trains the N-rank run, then the same config alone (LocalStrategy) on the
+whole global batches; the two must agree. Global batches of 7 and 2 give uneven shards
+and, at 3 ranks, an empty one; Dropout checks that masks follow the samples, not ranks.
+"""
+
+import io
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import distbn
+from distbn.layers.base import Variable
+from distbn.train import trainer
+from distbn.train.buckets import GradientAllReduce, broadcast_weights
+from distbn.train.config import parse_config
+
+CONFIG = textwrap.dedent("""\
+    seed: 5
+    data: {name: patterns, n_train: 40, n_test: 17, image_size: 8}
+    model:
+      dtype: float64
+      layers:
+        - {type: Conv2D, filters: 4, kernel_size: 3, padding: same, use_bias: false}
+        - {type: BatchNormalization, momentum: 0.8, gamma_regularizer: l2}
+        - {type: ReLU}
+        - {type: GlobalAveragePooling2D}
+        - {type: Dropout, rate: 0.3}
+        - {type: Dense, units: 10}
+    train:
+      global_batch_size: 7
+      steps: 6
+      optimizer: {name: sgd, learning_rate: 0.1, global_clipnorm: 0.5}
+    logging: {every_steps: 2, progress: none}
+""")
+
+
+@pytest.fixture
+def scratch():
+    """A private directory per rank (pytest's tmp_path machinery races across ranks)."""
+    with tempfile.TemporaryDirectory(prefix="distbn-trainer-mpi-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def strategy(comm):
+    s = distbn.MPIStrategy(comm)
+    yield s
+    s.close()
+
+
+@pytest.mark.mpi
+def test_gradient_all_reduce_sums_every_bucket(strategy, comm):
+    rank, size = comm.rank, comm.size
+    shapes = [(3, 2), (5,), (300,), (1,), (4, 4)]
+    dtypes = [np.float32, np.float64, np.float32, np.float64, np.float32]
+    variables = []
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True)):
+        v = Variable(np.zeros(shape), f"w{i}", dtype=dtype)
+        v.grad = np.full(shape, rank + 1, dtype=dtype) * (i + 1)
+        variables.append(v)
+    variables[3].grad = None  # counts as zeros
+    reduce = GradientAllReduce(strategy, variables, bucket_bytes=64)
+    assert reduce.num_buckets >= 3
+    reduce()
+    total = size * (size + 1) / 2
+    for i, v in enumerate(variables):
+        want = 0.0 if i == 3 else total * (i + 1)
+        assert v.grad.dtype == dtypes[i] and v.grad.shape == shapes[i]
+        np.testing.assert_array_equal(v.grad, np.full(shapes[i], want, dtype=dtypes[i]))
+
+
+@pytest.mark.mpi
+def test_broadcast_weights_copies_rank_0(strategy, comm):
+    variables = [Variable(np.full((2, 3), comm.rank + 0.5), "a"),
+                 Variable(np.full(4, comm.rank, dtype=np.float32), "b", dtype=np.float32)]
+    broadcast_weights(strategy, variables, bucket_bytes=8)
+    np.testing.assert_array_equal(variables[0].value, np.full((2, 3), 0.5))
+    np.testing.assert_array_equal(variables[1].value, np.zeros(4, np.float32))
+
+
+def _train(config, strategy):
+    t = trainer.Trainer(config, strategy, out=io.StringIO())
+    summary = t.fit()
+    return t, summary
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("batch", [7, 2])
+def test_n_ranks_reproduce_one_rank(strategy, batch):
+    config = parse_config(CONFIG, overrides=[f"train.global_batch_size={batch}"])
+    t, summary = _train(config, strategy)
+    ref, ref_summary = _train(config, distbn.LocalStrategy())
+    got, want = t.model.get_weight_dict(), ref.model.get_weight_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-10, err_msg=key)
+    # Reported numbers are global: the same as one process's.
+    for mine, theirs in zip(t.history, ref.history, strict=True):
+        assert mine["split"] == theirs["split"] and mine["step"] == theirs["step"]
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-10)
+        assert mine["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-12)
+    assert summary["test_samples"] == 17
+    assert summary["test_loss"] == pytest.approx(ref_summary["test_loss"], abs=1e-10)
+    assert summary["train_loss"] == pytest.approx(ref_summary["train_loss"], abs=1e-10)
+
+
+@pytest.mark.mpi
+def test_replica_local_moving_statistics_are_averaged(strategy, comm):
+    config = parse_config(CONFIG, overrides=["model.synchronized=false"])
+    t, _ = _train(config, strategy)
+    bn = t.model.layers[1]
+    assert not bn.synchronized
+    # After fit every rank holds the mean over replicas (what model.npz gets) ...
+    gathered = comm.allgather(bn.moving_mean.numpy())
+    for other in gathered:
+        np.testing.assert_array_equal(other, gathered[0])
+    # ... which differs from the one-process statistics (the shards' batches differ).
+    ref, _ = _train(config, distbn.LocalStrategy())
+    assert np.max(np.abs(bn.moving_mean.numpy() - ref.model.layers[1].moving_mean.numpy())) > 1e-6
+
+
+@pytest.mark.mpi
+def test_config_error_is_collective_and_printed_once(strategy, comm, scratch):
+    path = scratch / "cfg.yaml"
+    path.write_text(CONFIG.replace("units: 10", "units: 10, activaton: relu"))
+    out, err = io.StringIO(), io.StringIO()
+    code = trainer.run(path, strategy=strategy, out=out, err=err)
+    assert code == 2
+    text = err.getvalue()
+    if comm.rank == 0:
+        assert text.count("distbn train: error:") == 1
+        assert "model.layers[5].activaton: unknown argument 'activaton'" in text
+    else:
+        assert text == ""
+
+
+@pytest.mark.mpi
+def test_sync_group_must_divide_the_ranks(strategy, comm, scratch):
+    path = scratch / "cfg.yaml"
+    path.write_text(CONFIG + f"strategy: {{sync_group: {comm.size + 1}}}\n")
+    err = io.StringIO()
+    assert trainer.run(path, strategy=strategy, out=io.StringIO(), err=err) == 2
+    assert ("strategy.sync_group: must divide the number of ranks" in err.getvalue()) \
+        == (comm.rank == 0)
