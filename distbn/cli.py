@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -91,11 +93,32 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     except (AttributeError, ValueError):
         pass
     print(f"distbn launch: {shlex.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    with _forward_stop_signals(proc):
+        returncode = proc.wait()
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+@contextlib.contextmanager
+def _forward_stop_signals(proc):
+    """While mpiexec runs, turn stop signals sent to this launcher into a graceful stop.
+
+    SIGTERM and SIGUSR1 are passed on to mpiexec as SIGUSR1, which mpiexec forwards to
+    the ranks (Hydra ends the ranks at once on SIGTERM, before they can checkpoint); the
+    ranks then checkpoint at the next step and exit 75. SIGINT is not forwarded: from a
+    terminal, mpiexec gets it too. The launcher waits for mpiexec and returns its code.
+    """
+    def forward(signum, frame):
+        if signum != signal.SIGINT and proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)
+
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    previous = {s: signal.signal(s, forward) for s in stops}
     try:
-        proc = subprocess.run(cmd, env=env)
-    except KeyboardInterrupt:  # mpiexec got the SIGINT too and ends the ranks
-        return 130
-    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -145,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the mpiexec to use (default: $DISTBN_MPIEXEC, the venv's, PATH)")
     _add_train_options(p)
     p.set_defaults(func=_cmd_launch)
+
 
 
     return parser

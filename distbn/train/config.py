@@ -469,15 +469,32 @@ class StrategyConfig(_Section):
 
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
-    """`checkpoint`: periodic checkpoints under the run directory.
+    """`checkpoint`: periodic checkpoints under `RUN_DIR/checkpoints/`, and resuming.
+
+    Rerunning the same command with the same `--run-dir` resumes from the newest
+    complete checkpoint there. When any checkpointing is on, a checkpoint is also
+    written at the end and when a preemption signal arrives.
 
     Attributes:
-        every_steps: save every this many steps (>= 0); 0 (default): off.
+        every_steps: save every this many steps (>= 0); 0 (default): not by steps.
+        every_epochs: save at the end of every this many epochs (>= 0); 0 (default):
+            not by epochs.
         keep: how many of the latest checkpoints to keep (>= 1); default 3.
+        moving_stats: what replica-local BatchNormalization moving statistics (which
+            differ between replicas) the checkpoint's weights hold: "mean" (default,
+            their mean over replicas) or "rank0" (rank 0's). Each replica's own values
+            are stored beside them, so a resume at the same world size is exact.
     """
 
     every_steps: int = _f(0, ge=0)
+    every_epochs: int = _f(0, ge=0)
     keep: int = _f(3, ge=1)
+    moving_stats: Literal["mean", "rank0"] = "mean"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any checkpointing was asked for."""
+        return bool(self.every_steps or self.every_epochs)
 
 
 @dataclass(frozen=True)

@@ -149,15 +149,34 @@ class RunDir:
         """The path of a file inside the run directory."""
         return os.path.join(self.path, name)
 
-    def create(self) -> list[str]:
-        """Create the directory; return the names of previous run files it removed."""
+    def create(self, keep_metrics_until=None) -> list[str]:
+        """Create the directory; return the names of previous run files it removed.
+
+        Args:
+            keep_metrics_until: resuming from this step: keep metrics.jsonl's records up
+                to it (later ones belong to steps that will run again) and append.
+        """
         os.makedirs(self.path, exist_ok=True)
+        metrics = self.file(METRICS_FILE)
+        kept = []
+        if keep_metrics_until is not None and os.path.isfile(metrics):
+            with open(metrics, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line cut short by the kill that stopped the run
+                        continue
+                    if isinstance(record, dict) and record.get("step", 0) <= keep_metrics_until:
+                        kept.append(line if line.endswith("\n") else line + "\n")
         removed = []
         for name in _RUN_FILES:
             if os.path.lexists(self.file(name)):
                 os.remove(self.file(name))
-                removed.append(name)
-        self._metrics = open(self.file(METRICS_FILE), "w", encoding="utf-8")
+                if not (name == METRICS_FILE and keep_metrics_until is not None):
+                    removed.append(name)
+        self._metrics = open(metrics, "w", encoding="utf-8")
+        self._metrics.writelines(kept)
+        self._metrics.flush()
         return removed
 
     def write_config(self, config) -> None:

@@ -24,21 +24,27 @@ import traceback
 
 import numpy as np
 
+import distbn
+from distbn import random as _random
 from distbn.distribute import get_strategy
 from distbn.train import builder
+from distbn.train import checkpoint as ckpt
 from distbn.train.buckets import GradientAllReduce, broadcast_weights
 from distbn.train.config import ConfigError, config_hash, load_config
 from distbn.train.data import BatchSchedule, DataError, shard_slice
 from distbn.train.losses import accuracy as _count_correct
 from distbn.train.optimizers import clip_gradients
+from distbn.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
 from distbn.train.progress import make_progress
 from distbn.train.rundir import MODEL_FILE, RunDir, RunDirError, check_run_dir, default_run_dir
 
-__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "TrainingError", "Trainer", "run"]
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_PREEMPTED", "TrainingError",
+           "Trainer", "run"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # usage or config error: nothing was trained or written
+EXIT_PREEMPTED = PREEMPTED_EXIT_CODE  # a signal asked to stop; a checkpoint was written
 
 
 class TrainingError(RuntimeError):
@@ -101,10 +107,16 @@ class Trainer:
         self._epoch_totals = np.zeros(3)  # global, since the current epoch began
         self._epoch = 0
         self._last = {}
+        self.preemption = None  # a PreemptionFlag, checked at every step boundary
+        self.resumed_from = None  # the step a checkpoint restored
 
     # --- set-up ------------------------------------------------------------------------------
-    def open_run_dir(self) -> list[str]:
+    def open_run_dir(self, resume_step=None) -> list[str]:
         """Rank 0: create the run directory and write config.yaml (local, not collective).
+
+        Args:
+            resume_step: the step a checkpoint will restore: metrics.jsonl keeps its
+                records up to that step instead of starting empty.
 
         Returns:
             Names of a previous run's files that were removed.
@@ -112,7 +124,7 @@ class Trainer:
         self._opened = True
         if self.run_dir is None:
             return []
-        removed = self.run_dir.create()
+        removed = self.run_dir.create(keep_metrics_until=resume_step)
         self.run_dir.write_config(self.config)
         return removed
 
@@ -276,6 +288,8 @@ class Trainer:
         progress = make_progress(cfg.logging.progress, self.rank, self.total_steps,
                                  self.verbose, self.out)
         self._header()
+        if self.resumed_from is not None and self.rank == 0:
+            self._print(f"resumed from step {self.resumed_from}")
         every, eval_every = cfg.logging.every_steps, cfg.train.eval_every
         per_epoch = self.batches.steps_per_epoch
         start = time.perf_counter()
@@ -309,6 +323,14 @@ class Trainer:
                 if eval_every and step % eval_every == 0 and not last:
                     test = self._eval_and_log(progress, start)
                     window_start = time.perf_counter()  # evaluation is not training time
+                signum = self._stop_requested()
+                if signum:
+                    path = self.save_checkpoint()
+                    raise Preempted(step, signum, path)
+                if self._checkpoint_due(step, last, epoch_end):
+                    path = self.save_checkpoint()
+                    if path is not None:
+                        progress.message(f"checkpoint step {step}: {path}")
             self.average_bn_statistics()
             test = self._eval_and_log(progress, start)
         finally:
@@ -335,6 +357,129 @@ class Trainer:
         }
         self._print_summary(summary)
         return summary
+
+    # --- checkpoints and preemption -----------------------------------------------------------
+    def _stop_requested(self) -> int:
+        """The signal number if any rank caught a stop signal, else 0 (collective with
+        several ranks: every rank stops at the same step)."""
+        if self.preemption is None:
+            return 0
+        if self.world == 1:
+            return self.preemption.signum
+        flag = np.array([self.preemption.signum], dtype=np.int64)
+        self.strategy.all_reduce(flag, op="max", name="train.preemption")
+        return int(flag[0])
+
+    def _checkpoint_due(self, step, last, epoch_end) -> bool:
+        c = self.config.checkpoint
+        if not c.enabled:
+            return False
+        epoch_done = step // self.batches.steps_per_epoch
+        return (last or bool(c.every_steps and step % c.every_steps == 0)
+                or bool(c.every_epochs and epoch_end and epoch_done % c.every_epochs == 0))
+
+    def save_checkpoint(self):
+        """Write a checkpoint of the state after `self.step` (collective; rank 0 writes).
+
+        Replica-local BN moving statistics: the weights hold their mean over replicas
+        (`checkpoint.moving_stats: mean`) or rank 0's (`rank0`), and every replica's own
+        values are stored beside them (group "replicas"), so that a resume at the same
+        world size continues exactly.
+
+        Returns:
+            The checkpoint's directory on rank 0 (None elsewhere, or without a run dir).
+        """
+        self._start()
+        weights = self.model.get_weight_dict()
+        unsynced = self._unsynced_bn_statistics()
+        replicas = {}
+        if unsynced:
+            mine = {v.path: v.numpy() for v in unsynced}
+            for r, theirs in enumerate(self.strategy.allgather_object(
+                    mine, name="checkpoint.replica_stats")):
+                replicas.update({f"rank{r}/{k}": v for k, v in theirs.items()})
+            if self.config.checkpoint.moving_stats == "mean":
+                for var, mean in zip(unsynced, self._replica_means(unsynced), strict=True):
+                    weights[var.path] = mean.astype(var.dtype)
+        # Training sums not logged yet, summed over ranks: a resumed run logs the same.
+        window = self.strategy.all_reduce(self._window.copy(), op="sum",
+                                          name="checkpoint.window")
+        if self.run_dir is None:
+            return None
+        epoch, position, _ = self.batches.batch_at(self.step)
+        groups = {"weights": weights, "optimizer": self.optimizer.get_state(),
+                  "progress": {"epoch_totals": self._epoch_totals.copy(), "window": window}}
+        if replicas:
+            groups["replicas"] = replicas
+        manifest = {
+            "epoch": epoch, "position_in_epoch": position,
+            "steps_per_epoch": self.batches.steps_per_epoch,
+            "data_order_seed": self.config.seed,
+            "rng_state": _random.generator().bit_generator.state,
+            "world_size": self.world, "config_hash": config_hash(self.config),
+            "moving_stats": self.config.checkpoint.moving_stats,
+            "distbn_version": distbn.__version__,
+        }
+        return str(ckpt.save_checkpoint(self.run_dir_path, self.step, groups, manifest,
+                                        keep=self.config.checkpoint.keep))
+
+    def restore(self, found) -> None:
+        """Load a checkpoint found by rank 0 into every replica (collective).
+
+        Args:
+            found: on rank 0, `(path, manifest, groups)` from `checkpoint.latest_checkpoint`
+                (or None: nothing to restore); ignored on the other ranks, which receive
+                what rank 0 loaded.
+
+        Raises:
+            ValueError: on every rank, naming the tensor, when the checkpoint does not fit
+                this model or optimizer; nothing is loaded then.
+        """
+        self._start()
+        problem, info = None, None
+        if self.rank == 0 and found is not None:
+            path, meta, groups = found
+            before = (self.model.get_weight_dict(), self.optimizer.get_state())
+            try:
+                self.model.set_weight_dict(groups["weights"])
+                self.optimizer.set_state(groups["optimizer"])
+            except (KeyError, ValueError) as exc:
+                self.model.set_weight_dict(before[0])  # load nothing: put everything back
+                self.optimizer.set_state(before[1])
+                problem = f"checkpoint {path} does not fit this model: {exc}"
+            else:
+                if meta.get("config_hash") != config_hash(self.config):
+                    print(f"[rank 0] warning: checkpoint {path} was written with another "
+                          "config (different --set options or file); resuming anyway",
+                          file=sys.stderr, flush=True)
+                info = {"step": int(meta["step"]), "world_size": int(meta["world_size"]),
+                        "rng_state": meta.get("rng_state"),
+                        "progress": groups.get("progress", {}),
+                        "replicas": groups.get("replicas", {}),
+                        "optimizer": groups["optimizer"]}
+        problem, info = self.strategy.broadcast_object((problem, info), root=0,
+                                                       name="checkpoint.restore")
+        if problem:
+            raise ValueError(problem)
+        if info is None:
+            return
+        broadcast_weights(self.strategy, self.model.weights)
+        if self.rank != 0:
+            self.optimizer.set_state(info["optimizer"])
+        if info["world_size"] == self.world:  # each replica continues from its own values
+            for var in self._unsynced_bn_statistics():
+                key = f"rank{self.rank}/{var.path}"
+                if key in info["replicas"]:
+                    var.assign(info["replicas"][key])
+        if info["rng_state"] is not None:
+            _random.generator().bit_generator.state = info["rng_state"]
+        self.step = info["step"]
+        self._epoch = self._epoch_of_last_step()
+        progress = info["progress"]
+        if "epoch_totals" in progress:
+            self._epoch_totals[:] = progress["epoch_totals"]
+            self._window[:] = progress["window"] if self.rank == 0 else 0.0
+        self.resumed_from = self.step
 
     def _train_record(self, window, samples_per_sec, wall) -> dict:
         loss_sum, correct, count = window
@@ -380,12 +525,6 @@ class Trainer:
     def _header(self) -> None:
         if self.rank != 0:
             return
-        if self.config.checkpoint.every_steps:
-            # distbn.train.checkpoint exists; saving and resuming are not wired in yet,
-            # and silently skipping a requested checkpoint would be worse than saying so.
-            print("[rank 0] warning: checkpoint.every_steps is set but this trainer does "
-                  "not write checkpoints yet; only model.npz is saved at the end",
-                  file=sys.stderr, flush=True)
         if self.config.logging.progress == "none":
             return
         cfg, d = self.config, self.dataset
@@ -540,11 +679,16 @@ def run(config_path, overrides=(), run_dir=None, verbose=False, strategy=None, o
     if code:
         return code
 
-    # 3. Rank 0 creates the run directory; the others learn whether it could.
-    problem = None
+    # 3. Rank 0 looks for a checkpoint to resume from and creates the run directory;
+    #    the others learn whether it could.
+    problem, found = None, None
     if rank == 0:  # elsewhere open_run_dir writes nothing; it only marks the trainer ready
         try:
-            removed = trainer.open_run_dir()
+            found = ckpt.latest_checkpoint(
+                path, warn=lambda msg: print(f"[rank 0] warning: {msg}",
+                                             file=err or sys.stderr, flush=True))
+            removed = trainer.open_run_dir(resume_step=None if found is None
+                                           else int(found[1]["step"]))
             if removed:
                 print(f"[rank 0] note: replaced {', '.join(removed)} of a previous run in "
                       f"{path}", file=err or sys.stderr, flush=True)
@@ -555,13 +699,30 @@ def run(config_path, overrides=(), run_dir=None, verbose=False, strategy=None, o
     if code:
         return code
 
-    # 4. Train. A TrainingError is raised on every rank at the same step.
+    # 4. Resume (rank 0 decides what to load and shares it), then train. A TrainingError
+    #    or a preemption is raised on every rank at the same step.
     if rank != 0:
         trainer.open_run_dir()
     try:
-        trainer.fit()
-    except TrainingError as exc:
+        trainer.restore(found)
+    except ValueError as exc:
         if trainer.run_dir is not None:
             trainer.run_dir.close()
-        return _report(world, [(EXIT_FAILURE, str(exc))] * size, err)
+        return _report(world, [(EXIT_USAGE, str(exc))] * size, err)
+    with PreemptionFlag() as flag:
+        trainer.preemption = flag
+        try:
+            trainer.fit()
+        except TrainingError as exc:
+            if trainer.run_dir is not None:
+                trainer.run_dir.close()
+            return _report(world, [(EXIT_FAILURE, str(exc))] * size, err)
+        except Preempted as stop:
+            if trainer.run_dir is not None:
+                trainer.run_dir.close()
+            if rank == 0:
+                print(f"[rank 0] {stop}: checkpoint {stop.path or '(no run directory)'}; "
+                      f"exiting with {EXIT_PREEMPTED}. Run the same command again to resume.",
+                      file=err or sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     return EXIT_OK
