@@ -121,6 +121,18 @@ def _forward_stop_signals(proc):
             signal.signal(s, handler)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from distbn.plot import PlotError, plot_run
+
+    try:
+        out = plot_run(args.run_dir, args.out)
+    except PlotError as exc:
+        print(f"distbn plot: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG",
                    help="the YAML config (e.g. configs/quickstart.yaml)")
@@ -168,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the mpiexec to use (default: $DISTBN_MPIEXEC, the venv's, PATH)")
     _add_train_options(p)
     p.set_defaults(func=_cmd_launch)
+
+    p = sub.add_parser("plot", help="loss and accuracy curves of a run as a PNG "
+                                    "(needs matplotlib: pip install 'distbn[plot]')")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
+    p.add_argument("--out", metavar="PNG", help="where to write (default RUN_DIR/metrics.png)")
+    p.set_defaults(func=_cmd_plot)
 
 
 
