@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+from gradcheck import numeric_grad
 
 import distbn
 from distbn import BatchNormalization
@@ -16,17 +17,6 @@ def _loss_and_grads(layer, x, w, training, mask=None):
     return float((y * w).sum()), layer.backward(w)
 
 
-def _numeric_grad(f, arr, h=1e-6):
-    g = np.empty_like(arr)
-    for i in range(arr.size):
-        old = arr.flat[i]
-        arr.flat[i] = old + h
-        fp = f()
-        arr.flat[i] = old - h
-        fm = f()
-        arr.flat[i] = old
-        g.flat[i] = (fp - fm) / (2 * h)
-    return g
 
 
 GRAD_CASES = [
@@ -69,12 +59,12 @@ def test_gradients_central_differences(shape, axis, mask_shape, training, center
 
     f()
     dx = layer.backward(w)
-    np.testing.assert_allclose(dx, _numeric_grad(f, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx, numeric_grad(f, x), rtol=1e-6, atol=1e-7)
     if scale:
-        np.testing.assert_allclose(layer.gamma.grad, _numeric_grad(f, weights[0]),
+        np.testing.assert_allclose(layer.gamma.grad, numeric_grad(f, weights[0]),
                                    rtol=1e-6, atol=1e-7)
     if center:
-        np.testing.assert_allclose(layer.beta.grad, _numeric_grad(f, weights[int(scale)]),
+        np.testing.assert_allclose(layer.beta.grad, numeric_grad(f, weights[int(scale)]),
                                    rtol=1e-6, atol=1e-7)
 
 

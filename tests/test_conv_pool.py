@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from gradcheck import numeric_grad
 
 import distbn.layers as L
 from distbn.layers._common import same_padding
@@ -12,18 +13,6 @@ from distbn.layers._common import same_padding
 RNG = np.random.default_rng(99)
 
 
-def numeric_grad(f, arr, eps=1e-6):
-    g = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return g
 
 
 def check_grads(layer, x, rtol=1e-6, atol=1e-8):

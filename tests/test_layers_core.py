@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from gradcheck import numeric_grad
 
 import distbn.layers as L
 from distbn.layers import activations
@@ -9,19 +10,6 @@ from distbn.layers import activations
 RNG = np.random.default_rng(1234)
 
 
-def numeric_grad(f, arr, eps=1e-6):
-    """Central differences of the scalar f() w.r.t. every element of arr (in place)."""
-    g = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return g
 
 
 def check_layer_grads(layer, x, training=True, rtol=1e-6, atol=1e-8, call_kwargs=None):

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from gradcheck import numeric_grad
 
 from distbn import constraints
 from distbn.layers.base import Variable
@@ -13,18 +14,6 @@ from distbn.train import losses, optimizers, schedules
 RNG = np.random.default_rng(3)
 
 
-def numeric_grad(f, arr, eps=1e-6):
-    g = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return g
 
 
 # --- losses ------------------------------------------------------------------------------

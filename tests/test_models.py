@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from gradcheck import numeric_grad
 
 import distbn.layers as L
 from distbn.models import Sequential
@@ -20,18 +21,6 @@ def small_model(dtype="float64", dropout=0.0, seed=0):
     ], name="m")
 
 
-def numeric_grad(f, arr, eps=1e-6):
-    g = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return g
 
 
 def test_named_weights_and_build():
