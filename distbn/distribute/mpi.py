@@ -13,6 +13,7 @@ from .abort import install_abort_hook
 from .buffers import check_buffer, check_op, check_root
 from .check import Descriptor, check_from_env, verify
 from .strategy import Strategy
+from .watchdog import Watchdog, check_stall_timeout, stall_timeout_from_env
 
 __all__ = ["MPIStrategy"]
 
@@ -20,13 +21,15 @@ __all__ = ["MPIStrategy"]
 class _Channel:
     """One communicator the strategy talks on, its sequence number, and its check twin."""
 
-    __slots__ = ("comm", "size", "check_comm", "seq")
+    __slots__ = ("comm", "size", "check_comm", "seq", "members", "spare")
 
-    def __init__(self, comm, size: int, check_comm):
+    def __init__(self, comm, size: int, check_comm, members=None):
         self.comm = comm
         self.size = size
         self.check_comm = check_comm  # a Dup used only for descriptors; None unless checking
         self.seq = 0
+        self.members = members  # its ranks in the strategy's communicator (None: all)
+        self.spare = None  # the check Dup while check mode is switched off, for reuse
 
 
 class _Closed:
@@ -52,14 +55,19 @@ class MPIStrategy(Strategy):
             "node" for the ranks sharing a node. Every other collective spans all ranks.
         check: compare a descriptor of every collective across ranks first and raise
             `CollectiveMismatchError` on a mismatch; None reads $DISTBN_CHECK_COLLECTIVES.
-            If any rank asks for it, every rank does it.
+            If any rank asks for it, every rank does it. `set_check` switches it later.
+        stall_timeout: seconds a collective may wait before the stall watchdog reports
+            which ranks have not arrived and aborts the job (`distbn.distribute.watchdog`);
+            None reads $DISTBN_STALL_TIMEOUT (unset or 0: off, no thread, no cost). If
+            ranks differ, the smallest timeout given applies on every rank.
 
     Raises:
         TypeError: `comm` is not an Intracomm, `sync_group` or `check` of the wrong type.
         ValueError: `comm` is COMM_NULL, or a bad or rank-dependent `sync_group`.
     """
 
-    def __init__(self, comm=None, sync_group=None, check: bool | None = None):
+    def __init__(self, comm=None, sync_group=None, check: bool | None = None,
+                 stall_timeout: float | None = None):
         from mpi4py import MPI
 
         base = MPI.COMM_WORLD if comm is None else comm
@@ -73,6 +81,10 @@ class MPIStrategy(Strategy):
             check = check_from_env()
         elif not isinstance(check, (bool, np.bool_)):
             raise TypeError(f"check must be True, False or None, got {check!r}")
+        if stall_timeout is None:
+            stall_timeout = stall_timeout_from_env()
+        else:
+            stall_timeout = check_stall_timeout(stall_timeout)
 
         self._size, self._rank, self._sync_group = size, rank, sync_group
         self._in_place = MPI.IN_PLACE
@@ -82,24 +94,28 @@ class MPIStrategy(Strategy):
         self._owned = []  # communicators this strategy created and must free
         self._closed = False
         self._world = self._group = None
+        self._watchdog = None
         if size == 1:
             # One replica never communicates: keep the caller's comm, no Dup, no channels.
             self._comm, self._world, self._group, self._check = base, None, None, bool(check)
             return
 
         self._comm = self._own(base.Dup())
-        settings = self._comm.allgather((sync_group, bool(check)))
-        groups = [g for g, _ in settings]
+        settings = self._comm.allgather((sync_group, bool(check), stall_timeout))
+        groups = [g for g, _, _ in settings]
         if any(g != groups[0] for g in groups):
             self.close()
             raise ValueError(
                 "sync_group must be the same on every rank, got "
                 + ", ".join(f"rank {r}: {g!r}" for r, g in enumerate(groups))
             )
-        self._check = any(c for _, c in settings)
+        self._check = any(c for _, c, _ in settings)
         self._world = self._channel(self._comm, size)
         self._group = self._make_group(MPI, sync_group)
         install_abort_hook()
+        timeouts = [t for _, _, t in settings if t is not None]
+        if timeouts:
+            self.set_stall_timeout(min(timeouts))
 
     # -- layout ---------------------------------------------------------------------
 
@@ -124,6 +140,11 @@ class MPIStrategy(Strategy):
     def check(self) -> bool:
         """Whether collectives are checked across ranks before they run."""
         return self._check
+
+    @property
+    def stall_timeout(self) -> float | None:
+        """Seconds a collective may wait before the watchdog aborts the job; None: off."""
+        return None if self._watchdog is None else self._watchdog.timeout
 
     @property
     def comm(self):
@@ -203,6 +224,54 @@ class MPIStrategy(Strategy):
         self._completed += 1
         return out
 
+    # -- switches -------------------------------------------------------------------
+
+    def set_check(self, check: bool) -> None:
+        """Switch check mode on or off (collective: every rank, same point, same value).
+
+        The trainer checks its first steps this way and then runs unchecked. Switching
+        on the first time duplicates the communicators (collective); later switches
+        reuse them.
+
+        Args:
+            check: True to compare every collective's descriptor across ranks first.
+        """
+        if not isinstance(check, (bool, np.bool_)):
+            raise TypeError(f"check must be True or False, got {check!r}")
+        check = bool(check)
+        if check == self._check:
+            return
+        self._check = check
+        channels = [ch for ch in (self._world, self._group) if ch is not None]
+        for ch in dict.fromkeys(channels):  # the group may be the world channel itself
+            if check:
+                ch.check_comm = ch.spare if ch.spare is not None else self._own(ch.comm.Dup())
+                ch.spare = None
+            else:
+                ch.spare, ch.check_comm = ch.check_comm, None
+
+    def set_stall_timeout(self, seconds: float | None) -> None:
+        """Start, retune or stop the stall watchdog (collective the first time it starts:
+        every rank, same point, same value).
+
+        Args:
+            seconds: a positive number of seconds, or None to stop watching.
+        """
+        seconds = check_stall_timeout(seconds, "seconds")
+        if self._world is None:  # one replica never waits for another
+            return
+        if seconds is None:
+            if self._watchdog is not None:
+                self._watchdog.stop()
+                self._watchdog = None
+            return
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.timeout = seconds
+            return
+        if not hasattr(self, "_watch_comm"):
+            self._watch_comm = self._own(self._comm.Dup())
+        self._watchdog = Watchdog(self, self._watch_comm, seconds)
+
     # -- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
@@ -213,6 +282,9 @@ class MPIStrategy(Strategy):
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:  # before its communicator is freed
+            self._watchdog.stop()
+            self._watchdog = None
         for c in reversed(self._owned):
             c.Free()
         self._owned.clear()
@@ -224,7 +296,7 @@ class MPIStrategy(Strategy):
         return (
             f"MPIStrategy(num_replicas_in_sync={self._size}, replica_id={self._rank}, "
             f"sync_group={self._sync_group!r}, sync_group_size={self.sync_group_size}, "
-            f"check={self._check})"
+            f"check={self._check}, stall_timeout={self.stall_timeout})"
         )
 
     # -- internals ------------------------------------------------------------------
@@ -254,8 +326,8 @@ class MPIStrategy(Strategy):
         self._owned.append(comm)
         return comm
 
-    def _channel(self, comm, size: int) -> _Channel:
-        return _Channel(comm, size, self._own(comm.Dup()) if self._check else None)
+    def _channel(self, comm, size: int, members=None) -> _Channel:
+        return _Channel(comm, size, self._own(comm.Dup()) if self._check else None, members)
 
     def _make_group(self, MPI, sync_group) -> _Channel | None:
         """The channel for batch-norm statistics; None when the group is this rank alone."""
@@ -271,7 +343,12 @@ class MPIStrategy(Strategy):
         if n == self._size or n == 1:  # the same on every rank of `sub`, so Free pairs up
             sub.Free()
             return self._world if n == self._size else None
-        return self._channel(self._own(_adopt(sub, type(self._comm))), n)
+        # Which strategy ranks share this group: the stall report names the missing ones.
+        mine, whole = sub.Get_group(), self._comm.Get_group()
+        members = tuple(MPI.Group.Translate_ranks(mine, list(range(n)), whole))
+        mine.Free()
+        whole.Free()
+        return self._channel(self._own(_adopt(sub, type(self._comm))), n, members)
 
 
 def _adopt(comm, cls):

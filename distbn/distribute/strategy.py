@@ -66,6 +66,27 @@ class Strategy:
         """`(sequence number, method, name)` of the last collective started, or None."""
         return None
 
+    @property
+    def check(self) -> bool:
+        """Whether collectives are compared across replicas before they run (check mode)."""
+        return False
+
+    def set_check(self, check: bool) -> None:
+        """Switch check mode (collective where it communicates). Strategies without
+        collectives to check, like `LocalStrategy`, ignore it.
+
+        Args:
+            check: True to check every collective from now on.
+        """
+
+    def set_stall_timeout(self, seconds: float | None) -> None:
+        """Start or stop the stall watchdog (see `MPIStrategy`). One replica never waits
+        for another, so strategies without communication ignore it.
+
+        Args:
+            seconds: a positive number of seconds, or None for off.
+        """
+
     @contextlib.contextmanager
     def scope(self):
         """Make this the strategy `get_strategy()` returns inside the `with` block.

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distbn.faults import maybe_fail
+
 __all__ = [
     "CheckpointError", "checkpoint_dir", "checkpoint_path", "list_checkpoints",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "FORMAT_VERSION",
@@ -119,6 +121,7 @@ def save_checkpoint(run_dir, step: int, groups: dict, manifest: dict, keep: int 
     for name, data in payloads.items():
         hashes[name] = _write_file(tmp / name, data)
         _fault_point(f"write {name}")
+    maybe_fail("checkpoint")  # DISTBN_FAULT: a failure with the arrays half-saved
     meta = dict(manifest, step=int(step), format=FORMAT_VERSION, files=hashes)
     _write_file(tmp / "manifest.json", json.dumps(meta, indent=2, sort_keys=True).encode())
     _fault_point("write manifest.json")

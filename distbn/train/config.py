@@ -432,6 +432,15 @@ class TrainConfig(_Section):
             labels).
         eval_every: evaluate on the test split every this many steps (>= 0); 0 (default):
             only at the end.
+        on_nonfinite: what a non-finite loss (on any rank) or gradient norm does, decided
+            by every rank together: "raise" (default: every rank stops with exit 1,
+            naming the step and the first layer whose output was non-finite) or
+            "skip_step" (no optimizer update, BatchNormalization moving statistics put
+            back as they were, a warning; the step counter still advances, the
+            optimizer's iteration count and so its schedule do not).
+        check_replicas_every: every this many steps (>= 0), compare a SHA-256 of every
+            parameter and synchronized moving statistic across ranks and stop every rank
+            (exit 1) naming the ranks and the first tensor that drifted; 0 (default): off.
     """
 
     global_batch_size: int = _f(128, ge=1)
@@ -441,6 +450,8 @@ class TrainConfig(_Section):
     optimizer: OptimizerConfig = _f(factory=OptimizerConfig)
     loss: Literal["sparse_categorical_crossentropy", "mse"] = "sparse_categorical_crossentropy"
     eval_every: int = _f(0, ge=0)
+    on_nonfinite: Literal["raise", "skip_step"] = "raise"
+    check_replicas_every: int = _f(0, ge=0)
 
     def _check(self, path, ctx):
         if self.epochs is not None and self.steps is not None:
@@ -456,15 +467,27 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class StrategyConfig(_Section):
-    """`strategy`: how replicas are grouped.
+    """`strategy`: how replicas are grouped, and the collectives' safety nets.
 
     Attributes:
         sync_group: replicas whose synchronized BN statistics are pooled: null (default:
             all replicas), an int >= 1 (consecutive groups of that many ranks) or "node"
             (the ranks sharing a node).
+        check_steps: run the first this many training steps of a run (>= 0) in check
+            mode, where every collective is compared across ranks first and a mismatch
+            (shape, order, kind) is named on every rank instead of hanging; then switch
+            it off (it costs one small allgather per collective). Default 2; 0: off
+            (`DISTBN_CHECK_COLLECTIVES=1` keeps it on throughout).
+        stall_timeout: seconds (> 0) a rank may wait in one collective before the stall
+            watchdog names the collective and the ranks that have not arrived and aborts
+            the job; null (default) leaves `DISTBN_STALL_TIMEOUT` in charge (unset: off).
+            Keep it above the longest legitimate wait: the first step's JIT compilation,
+            a checkpoint write, an uneven evaluation.
     """
 
     sync_group: int | Literal["node"] | None = _f(None, ge=1)
+    check_steps: int = _f(2, ge=0)
+    stall_timeout: float | None = _f(None, gt=0.0)
 
 
 @dataclass(frozen=True)

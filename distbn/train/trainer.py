@@ -27,6 +27,7 @@ import numpy as np
 import distbn
 from distbn import random as _random
 from distbn.distribute import get_strategy
+from distbn.faults import maybe_fail
 from distbn.train import builder
 from distbn.train import checkpoint as ckpt
 from distbn.train.buckets import GradientAllReduce, broadcast_weights
@@ -48,7 +49,8 @@ EXIT_PREEMPTED = PREEMPTED_EXIT_CODE  # a signal asked to stop; a checkpoint was
 
 
 class TrainingError(RuntimeError):
-    """A failure every rank detects at the same step (e.g. a non-finite gradient norm)."""
+    """A failure every rank detects at the same step: a non-finite loss or gradient norm
+    (`train.on_nonfinite: raise`), or replicas whose weights drifted apart."""
 
 
 def _is_bn(layer) -> bool:
@@ -88,7 +90,10 @@ class Trainer:
         self.world = self.strategy.num_replicas_in_sync
         self.verbose = bool(verbose)
         self.out = out
-        self.dataset = dataset if dataset is not None else builder.load_dataset(config)
+        if dataset is None:
+            maybe_fail("data_load")
+            dataset = builder.load_dataset(config)
+        self.dataset = dataset
         t = config.train
         n_train = len(self.dataset.y_train)
         self.total_steps = builder.total_steps(config, n_train)
@@ -109,6 +114,9 @@ class Trainer:
         self._last = {}
         self.preemption = None  # a PreemptionFlag, checked at every step boundary
         self.resumed_from = None  # the step a checkpoint restored
+        self.skipped_steps = 0  # steps skipped for non-finite values (on_nonfinite: skip_step)
+        self._stop_signal = 0  # the stop signal every rank agreed on in the last step
+        self._checked_steps_left = 0  # steps still to run in check mode
 
     # --- set-up ------------------------------------------------------------------------------
     def open_run_dir(self, resume_step=None) -> list[str]:
@@ -133,6 +141,14 @@ class Trainer:
             return
         if not self._opened:
             self.open_run_dir()
+        n = self.config.strategy.check_steps
+        if n and self.world > 1 and not self.strategy.check:
+            # A mismatched collective (a rank-dependent branch, a shape that differs) shows
+            # up in the first steps, and there check mode names it on every rank instead
+            # of hanging or reducing garbage; afterwards it would cost an allgather per
+            # collective. Every rank switches at the same point, so it stays consistent.
+            self.strategy.set_check(True)
+            self._checked_steps_left = n
         # Seeded builds agree already; the broadcast makes it true whatever a rank's
         # BLAS or initializer did, moving statistics included.
         broadcast_weights(self.strategy, self.model.weights)
@@ -145,16 +161,27 @@ class Trainer:
     def train_step(self) -> dict:
         """Run one optimizer step (collective).
 
+        Non-finite values are decided by every rank together: the summed gradient norm
+        is the same everywhere, and a non-finite local loss is shared through an
+        all-reduce MAX (together with the preemption flag). Then every rank raises
+        `TrainingError` naming the step and the first layer whose output was non-finite
+        (`train.on_nonfinite: raise`), or skips the step (`skip_step`): no optimizer
+        update, moving statistics put back, a warning, and the step counter advances.
+
         Returns:
-            {"epoch", "learning_rate", "grad_norm"} of the step taken.
+            {"epoch", "learning_rate", "grad_norm"} of the step taken, and "skipped":
+            True for a skipped step.
         """
         self._start()
         step = self.step
         epoch, _, indices = self.batches.batch_at(step)
         n_global = len(indices)
         local = indices[shard_slice(n_global, self.rank, self.world)]
+        maybe_fail("data")
         x = self.dataset.x_train[local]
         y = self.dataset.y_train[local]
+        skip = self.config.train.on_nonfinite == "skip_step"
+        before = self._moving_statistics() if skip else None
         out = self.model(x, training=True, sample_ids=local, step=step)
         per_sample, dout = self.loss_fn(out, y)
         # d(mean over the GLOBAL batch): each rank's share, so the ranks' sum is exact.
@@ -167,19 +194,129 @@ class Trainer:
         else:
             norm = math.sqrt(sum(float(np.sum(np.square(v.grad, dtype=np.float64)))
                                  for v in self._trainable if v.grad is not None))
-        # The summed gradients are identical on every rank, so this is a collective
-        # decision without a message.
-        if not math.isfinite(norm):
-            raise TrainingError(
-                f"non-finite gradient norm ({norm}) at step {step + 1} (epoch {epoch}): the "
-                "loss diverged; lower train.optimizer.learning_rate or set "
-                "train.optimizer.global_clipnorm")
+        loss_sum = float(np.sum(per_sample))
+        # The summed gradients, so the norm, are identical on every rank; the loss is
+        # local, so its flag goes through the step's one flag all-reduce.
+        loss_bad = self._agree_step_flags(not math.isfinite(loss_sum))
         lr = self.optimizer.learning_rate
+        if loss_bad or not math.isfinite(norm):
+            text = self._nonfinite_report(step, epoch, norm, loss_sum, x, local)
+            if not skip:
+                raise TrainingError(
+                    f"{text}: the loss diverged; lower train.optimizer.learning_rate, set "
+                    "train.optimizer.global_clipnorm, or set train.on_nonfinite: skip_step")
+            for var, value in before:
+                var.assign(value)
+            self.step += 1
+            self.skipped_steps += 1
+            if self.rank == 0:
+                print(f"[rank 0] warning: {text}; step skipped (train.on_nonfinite: "
+                      "skip_step): no optimizer update, moving statistics restored",
+                      file=sys.stderr, flush=True)
+            self._last = {"epoch": epoch, "learning_rate": lr, "grad_norm": norm}
+            self._after_step()
+            return dict(self._last, skipped=True)
         self.optimizer.apply(self._trainable)
         self.step += 1
-        self._window += (float(np.sum(per_sample)), _count_correct(out, y), len(local))
+        self._window += (loss_sum, _count_correct(out, y), len(local))
         self._last = {"epoch": epoch, "learning_rate": lr, "grad_norm": norm}
+        self._after_step()
         return dict(self._last)
+
+    def _after_step(self) -> None:
+        """Step-boundary switches, at the same step on every rank."""
+        if self._checked_steps_left:
+            self._checked_steps_left -= 1
+            if not self._checked_steps_left:
+                self.strategy.set_check(False)
+
+    def _agree_step_flags(self, loss_bad: bool) -> bool:
+        """One int64 all-reduce MAX of [stop signal, local loss non-finite]: whether any
+        rank's loss was non-finite; the agreed stop signal is kept for the step's end."""
+        signum = 0 if self.preemption is None else self.preemption.signum
+        if self.world == 1:
+            self._stop_signal = signum
+            return loss_bad
+        flags = np.array([signum, int(loss_bad)], dtype=np.int64)
+        self.strategy.all_reduce(flags, op="max", name="train.step_flags")
+        self._stop_signal = int(flags[0])
+        return bool(flags[1])
+
+    def _moving_statistics(self) -> list:
+        """`(variable, copy of its value)` for every non-trainable weight (BN statistics)."""
+        return [(v, v.numpy()) for v in self.model.non_trainable_weights]
+
+    def _nonfinite_report(self, step, epoch, norm, loss_sum, x, local) -> str:
+        """Say what was non-finite at `step` and where it started (collective, rare).
+
+        Replays the step's forward pass layer by layer on every rank (the same batches,
+        so synchronized layers make the same collectives), notes the first layer whose
+        output is non-finite, then puts the moving statistics back as they were.
+        """
+        saved = self._moving_statistics()
+        first = None
+        try:
+            h = x
+            with np.errstate(all="ignore"):
+                for i, layer in enumerate(self.model.layers):
+                    if getattr(layer, "uses_sample_ids", False):
+                        h = layer(h, training=True, sample_ids=local, step=step)
+                    else:
+                        h = layer(h, training=True)
+                    # Every layer runs on every rank (synchronized ones communicate).
+                    if first is None and not np.all(np.isfinite(h)):
+                        first = (i, layer.name)
+        finally:
+            for var, value in saved:
+                var.assign(value)
+        found = self.strategy.allgather_object((first, math.isfinite(loss_sum)),
+                                               name="train.nonfinite")
+        what = []
+        if not math.isfinite(norm):
+            what.append(f"gradient norm ({norm})")
+        bad_loss = [r for r, (_, ok) in enumerate(found) if not ok]
+        if bad_loss:
+            what.append(f"loss on rank(s) {bad_loss}")
+        text = f"non-finite {' and '.join(what)} at step {step + 1} (epoch {epoch})"
+        layers: dict = {}
+        for r, (where, _) in enumerate(found):
+            if where is not None:
+                layers.setdefault(where, []).append(r)
+        if layers:
+            text += "; first non-finite layer output: " + "; ".join(
+                f"{name!r} (layer {i}) on rank(s) {ranks}"
+                for (i, name), ranks in sorted(layers.items()))
+        else:
+            text += "; every layer's output was finite (the backward pass overflowed)"
+        return text
+
+    def check_replicas(self) -> None:
+        """Compare every parameter and synchronized moving statistic across replicas
+        (collective: one allgather of SHA-256 digests).
+
+        Replica-local BN statistics differ by design and are left out.
+
+        Raises:
+            TrainingError: on every rank, naming the ranks that differ from rank 0 and
+                the first tensor that does.
+        """
+        if self.world == 1:
+            return
+        local_only = {id(v) for v in self._unsynced_bn_statistics()}
+        named = [(key, w) for key, w in self.model.named_weights().items()
+                 if id(w) not in local_only]
+        digests = [hashlib.sha256(np.ascontiguousarray(w.value).tobytes()).hexdigest()[:16]
+                   for _, w in named]
+        every = self.strategy.allgather_object(digests, name="train.replica_check")
+        odd = [r for r, d in enumerate(every) if d != every[0]]
+        if not odd:
+            return
+        first = next(i for i in range(len(named)) if any(every[r][i] != every[0][i]
+                                                          for r in odd))
+        raise TrainingError(
+            f"replica check at step {self.step}: rank(s) {odd} hold weights that differ "
+            f"from rank 0's, first {named[first][0]!r}; the replicas drifted apart (a "
+            "collective, a rank-dependent computation or the hardware corrupted them)")
 
     def _flush(self) -> np.ndarray:
         """All-reduce the window's [loss sum, correct, count]; add it to the epoch's."""
@@ -323,6 +460,9 @@ class Trainer:
                 if eval_every and step % eval_every == 0 and not last:
                     test = self._eval_and_log(progress, start)
                     window_start = time.perf_counter()  # evaluation is not training time
+                check_every = cfg.train.check_replicas_every
+                if check_every and step % check_every == 0:
+                    self.check_replicas()
                 signum = self._stop_requested()
                 if signum:
                     path = self.save_checkpoint()
@@ -360,15 +500,9 @@ class Trainer:
 
     # --- checkpoints and preemption -----------------------------------------------------------
     def _stop_requested(self) -> int:
-        """The signal number if any rank caught a stop signal, else 0 (collective with
-        several ranks: every rank stops at the same step)."""
-        if self.preemption is None:
-            return 0
-        if self.world == 1:
-            return self.preemption.signum
-        flag = np.array([self.preemption.signum], dtype=np.int64)
-        self.strategy.all_reduce(flag, op="max", name="train.preemption")
-        return int(flag[0])
+        """The signal number if any rank caught a stop signal, else 0. Agreed in the last
+        step's flag all-reduce, so every rank stops at the same step."""
+        return self._stop_signal
 
     def _checkpoint_due(self, step, last, epoch_end) -> bool:
         c = self.config.checkpoint
@@ -617,7 +751,8 @@ def _training_strategy(world, config):
         return world
     from distbn.distribute import MPIStrategy
 
-    return MPIStrategy(comm=world.comm, sync_group=k)
+    return MPIStrategy(comm=world.comm, sync_group=k,
+                       stall_timeout=config.strategy.stall_timeout)
 
 
 def run(config_path, overrides=(), run_dir=None, verbose=False, strategy=None, out=None,
@@ -665,6 +800,8 @@ def run(config_path, overrides=(), run_dir=None, verbose=False, strategy=None, o
     if _report(world, [problem] * size, err):  # identical on every rank: no message
         return EXIT_USAGE
     path = gathered[0][2]
+    if config.strategy.stall_timeout is not None:  # same config everywhere: collective
+        world.set_stall_timeout(config.strategy.stall_timeout)
 
     # 2. Data, model and optimizer, on every rank.
     trainer, problem = None, None
