@@ -7,7 +7,7 @@ import platform
 import socket
 import sys
 
-__all__ = ["blas_info", "environment", "format_info"]
+__all__ = ["blas_info", "kernels_info", "environment", "format_info"]
 
 
 def blas_info() -> str:
@@ -20,6 +20,20 @@ def blas_info() -> str:
         return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except Exception:  # older numpy has no dict mode; the report is informational only
         return "unknown"
+
+
+def kernels_info() -> str:
+    """The active batch-norm kernel backend, e.g. 'numba 0.68.1 (fused), 1 thread'."""
+    from distbn import ops
+
+    try:
+        info = ops.backend_info()
+    except (ValueError, RuntimeError) as exc:  # a bad DISTBN_KERNELS: show why
+        return f"error: {exc}"
+    if info["name"] == "numba":
+        threads = info["threads"]
+        return f"numba {info['numba']} (fused), {threads} thread{'s' * (threads != 1)}"
+    return "numpy" + (f" ({info['fallback']})" if "fallback" in info else "")
 
 
 def environment(comm=None) -> dict:
@@ -38,6 +52,7 @@ def environment(comm=None) -> dict:
         "python_executable": sys.executable,
         "numpy": np.__version__,
         "blas": blas_info(),
+        "kernels": kernels_info(),
         "mpi4py": mpi4py.__version__,
         "mpi_library": " ".join(MPI.Get_library_version().strip().splitlines()[0].split()),
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
@@ -52,6 +67,7 @@ def format_info(env: dict) -> str:
         f"distbn       {env['distbn']}",
         f"python       {env['python']} ({env['python_executable']})",
         f"numpy        {env['numpy']} (BLAS: {env['blas']})",
+        f"BN kernels   {env.get('kernels', '?')}",
         f"mpi4py       {env['mpi4py']}",
         f"MPI library  {env['mpi_library']} (MPI {env['mpi_standard']})",
         f"world size   {env['world_size']}",

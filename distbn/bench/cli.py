@@ -1,0 +1,228 @@
+"""`distbn bench`: the benchmark command (registered by `distbn.cli.build_parser`).
+
+    distbn bench [--quick] [--out DIR] [--ranks 1,2,...] [SUITE ...]
+    distbn bench report DIR... [--out OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_parser", "cmd_bench"]
+
+_USAGE = ("distbn bench [--quick] [--out DIR] [--ranks 1,2,...] [--no-launch] [SUITE ...]\n"
+          "       distbn bench report DIR... [--out OUT | --summary]")
+_DESCRIPTION = """\
+Benchmark jobs. Suites: kernel (BN forward/backward time and effective GB/s vs the
+machine's copy bandwidth and PyTorch's CPU batch_norm), allreduce (Allreduce latency and
+bandwidth for BN buffers and gradient buckets), sync (synchronized vs replica-local BN
+step time and overhead), scaling (training throughput of configs/quickstart.yaml at
+each world size). Default: all suites.
+
+Run as one process, it measures each world size of --ranks through mpiexec (one rank
+per core, one thread per rank). Under mpiexec/srun with more than one rank, or with
+--no-launch, it measures at that job's world size only. Writes DIR/results.json and
+DIR/report.md (plus PNG plots when matplotlib is installed).
+
+`distbn bench report DIR... [--out OUT]` merges result directories (e.g. jobs on
+different node counts) into one report: written to OUT, or printed."""
+
+
+def add_parser(sub) -> None:
+    """Add the `bench` subcommand to the `distbn` subparsers.
+
+    Args:
+        sub: the object `ArgumentParser.add_subparsers()` returned.
+    """
+    p = sub.add_parser("bench", help="benchmark jobs: kernels, allreduce, sync BN, scaling",
+                       usage=_USAGE, description=_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suites", nargs="*", metavar="SUITE",
+                   help="kernel, allreduce, sync, scaling (default: all); or `report DIR...`")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and few repeats: a few minutes on a laptop "
+                        "(default --ranks 1,2)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default runs/bench-<YYYYmmdd-HHMMSS>); for "
+                        "`report`, where the merged report goes (default: print it)")
+    p.add_argument("--ranks", metavar="1,2,...",
+                   help="world sizes to measure (default 1,2 with --quick, else powers of two "
+                        "up to the CPU count)")
+    p.add_argument("--no-launch", action="store_true",
+                   help="measure only at this process group's world size, without mpiexec "
+                        "(implied under mpiexec/srun with more than one rank; use it for "
+                        "`srun -n 1`)")
+    p.add_argument("--scaling-config", metavar="YAML",
+                   help="training config of the scaling suite (default configs/quickstart.yaml)")
+    p.add_argument("--mpiexec", metavar="PATH",
+                   help="the mpiexec to launch with (default: $DISTBN_MPIEXEC, the venv's, PATH)")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="seconds allowed per world size (default: no limit)")
+    # Internal: minimal sizes for the tests, and parts that the parent merges itself.
+    p.add_argument("--summary", action="store_true",
+                   help="`report` only: print a compact summary (the README's table)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
+
+
+def _error(message: str) -> int:
+    print(f"distbn bench: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _launched_size() -> int:
+    """World size of the MPI job this process belongs to (1 when not launched as one)."""
+    from distbn.distribute.launch import launched_world_size, mpi_world_size_if_initialized
+
+    return max(mpi_world_size_if_initialized() or 1, launched_world_size())
+
+
+def _finalize_mpi() -> None:
+    # A collective non-zero exit under `python -m mpi4py` would otherwise become an
+    # MPI_Abort whose banner buries the one-line error.
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+
+
+def _command_line(args, suites) -> str:
+    argv = ["distbn", "bench"]
+    if args.quick:
+        argv.append("--quick")
+    if args.tiny:
+        argv.append("--tiny")
+    if args.ranks:
+        argv += ["--ranks", args.ranks]
+    if args.out:
+        argv += ["--out", args.out]
+    return shlex.join(argv + list(suites))
+
+
+def _cmd_report(args) -> int:
+    from distbn.bench.report import merge_dirs, render_markdown, render_summary, write_report
+    from distbn.bench.results import write_results
+
+    dirs = args.suites[1:]
+    extra = [f for f in ("quick", "tiny", "no_launch", "ranks", "scaling_config")
+             if getattr(args, f)]
+    if extra:
+        return _error(f"`bench report` takes DIR... and --out only, got --"
+                      f"{extra[0].replace('_', '-')}")
+    if not dirs:
+        return _error("`bench report` needs at least one result directory, got none")
+    try:
+        merged = merge_dirs(dirs)
+    except (FileNotFoundError, ValueError) as exc:
+        return _error(str(exc))
+    if args.summary:
+        if args.out is not None:
+            return _error("--summary prints to stdout; leave out --out")
+        sys.stdout.write(render_summary(merged))
+        return 0
+    if args.out is None:
+        sys.stdout.write(render_markdown(merged))
+        return 0
+    write_results(args.out, merged["environment"], merged["records"])
+    paths = write_report(merged, args.out)
+    print(f"distbn bench: merged {len(dirs)} result dir(s), {len(merged['records'])} records "
+          f"-> {args.out}/results.json, " + ", ".join(str(p) for p in paths), flush=True)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run `distbn bench` (or `distbn bench report`) from parsed arguments.
+
+    Args:
+        args: the parsed namespace.
+
+    Returns:
+        The exit code: 0 done, 2 usage error, 1 a world size failed.
+    """
+    from distbn.bench import runner
+
+    if args.suites and args.suites[0] == "report":
+        return _cmd_report(args)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    here = args.no_launch or _launched_size() > 1
+    problem = None
+    try:
+        suites = runner.parse_suites(args.suites)
+        ranks = runner.parse_ranks(args.ranks) if args.ranks else runner.default_ranks(
+            mode != "full")
+    except ValueError as exc:
+        problem = str(exc)
+    if problem is None and "scaling" in suites:
+        from distbn.bench.scaling import default_config
+
+        cfg = Path(args.scaling_config) if args.scaling_config else default_config()
+        if not cfg.is_file():
+            problem = (f"scaling: training config {str(cfg)!r} not found; pass "
+                       "--scaling-config YAML or leave out the scaling suite")
+    if problem is not None:
+        # Every rank of a job finds the same problem: one message, then a clean exit.
+        if not here or _world_rank() == 0:
+            _error(problem)
+        if here:
+            _finalize_mpi()
+        return 2
+    command = _command_line(args, args.suites)
+    if here:
+        return _run_here(args, suites, mode, ranks, command)
+
+    start = time.perf_counter()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out = args.out or runner.default_out_dir()
+    try:
+        results, failures = runner.launch_all(suites, ranks, mode, out, args.scaling_config,
+                                              mpiexec=args.mpiexec, timeout=args.timeout)
+    except FileNotFoundError as exc:  # no mpiexec: say where we looked
+        return _error(str(exc))
+    if results is None:
+        _error("no world size completed: " + "; ".join(failures))
+        return 1
+    env = results["environment"]
+    env.update(command=command, date=date, elapsed_s=round(time.perf_counter() - start, 1))
+    paths = runner.finish(results, out)
+    print(f"distbn bench: {len(results['records'])} records in "
+          f"{time.perf_counter() - start:.0f} s -> " + ", ".join(str(p) for p in paths),
+          flush=True)
+    if failures:
+        print("distbn bench: error: " + "; ".join(failures), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _world_rank() -> int:
+    """This process's rank in COMM_WORLD (initialises MPI if needed)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def _run_here(args, suites, mode, ranks, command) -> int:
+    """Measure at this MPI job's world size; rank 0 writes the results."""
+    from mpi4py import MPI
+
+    from distbn.bench import runner
+
+    comm = MPI.COMM_WORLD
+    if args.ranks and comm.rank == 0 and ranks != [comm.size]:
+        print(f"[bench] note: --ranks {args.ranks} is ignored inside an MPI job; measuring "
+              f"at its world size {comm.size}", file=sys.stderr, flush=True)
+    # Rank 0 picks the directory (a timestamp could differ between ranks).
+    out = comm.bcast(args.out or runner.default_out_dir(), root=0)
+    results = runner.measure(suites, mode, comm, args.scaling_config)
+    if comm.rank == 0:
+        results["environment"]["command"] = command
+        paths = runner.finish(results, out, report=not args.no_report)
+        if not args.no_report:  # else it is a part, merged and reported by the launcher
+            print(f"distbn bench: {len(results['records'])} records at world size "
+                  f"{comm.size} -> " + ", ".join(str(p) for p in paths), flush=True)
+    comm.Barrier()
+    return 0

@@ -1,0 +1,269 @@
+"""`distbn bench`: suites on tiny sizes, the results schema, the launcher, report merging.
+
+Only the plumbing is checked (records, world sizes, files, errors); timings are never
+asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi_driver import REPO, run_mpi
+
+from distbn.bench import Context, kernel, parse_ranks, parse_suites, write_report
+from distbn.bench.environment import kernel_backend
+from distbn.bench.results import (
+    make_record,
+    merge_results,
+    read_results,
+    validate_record,
+    write_results,
+)
+from distbn.bench.scaling import derive_efficiency
+from distbn.bench.timing import Stats
+from distbn.cli import main
+
+PASSES = ("forward", "backward", "forward_backward")
+
+
+def _run(argv, timeout):
+    """`python -m distbn ...` in its own process group, killed whole on timeout."""
+    proc = subprocess.Popen([sys.executable, "-m", "distbn", *argv], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"distbn {' '.join(argv)} timed out; stderr:\n{err[-4000:]}")
+    return proc.returncode, out, err
+
+
+def _by(records, name=None, metric=None, world_size=None):
+    return [r for r in records if (name is None or r["name"] == name)
+            and (metric is None or r["metric"] == metric)
+            and (world_size is None or r["world_size"] == world_size)]
+
+
+# --- kernel suite in-process -------------------------------------------------------------------
+
+def test_kernel_suite_without_torch(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    records = kernel.run(Context("tiny"))
+    assert "torch is not importable; skipping" in capsys.readouterr().err
+    for rec in records:
+        validate_record(rec)
+    copy = _by(records, "kernel.copy", "bandwidth")
+    assert len(copy) == 1 and copy[0]["value"] > 0 and copy[0]["unit"] == "GB/s"
+    assert not [r for r in records if r["metric"].startswith("torch")]
+    n_cases = len(kernel.cases("tiny"))
+    for pas in PASSES:
+        times = _by(records, f"kernel.{pas}", "time")
+        assert len(times) == n_cases
+        for rec in times:
+            assert rec["value"] > 0 and rec["unit"] == "us" and rec["world_size"] == 1
+            assert rec["spread"]["repeats"] >= 3 and rec["spread"]["min"] <= rec["value"]
+            assert rec["spread"]["max"] >= rec["value"]
+            assert rec["params"]["backend"] == kernel_backend() and rec["params"]["threads"] >= 1
+            factor = {"forward": 2, "backward": 3, "forward_backward": 5}[pas]
+            nbytes = np.prod(rec["params"]["shape"]) * np.dtype(rec["params"]["dtype"]).itemsize
+            assert rec["params"]["bytes"] == factor * nbytes
+        assert len(_by(records, f"kernel.{pas}", "copy_fraction")) == n_cases
+    layouts = {r["params"]["layout"] for r in _by(records, "kernel.forward", "time")}
+    assert {"channels_last", "channels_first"} <= layouts
+    assert len(_by(records, "kernel.forward_backward", "peak_extra_memory")) == n_cases
+
+
+def test_kernel_suite_with_torch():
+    pytest.importorskip("torch")
+    records = kernel.run(Context("tiny"))
+    n_cases = len(kernel.cases("tiny"))
+    for pas in PASSES:
+        for metric in ("torch_time", "torch_bandwidth", "torch_ratio"):
+            recs = _by(records, f"kernel.{pas}", metric)
+            assert len(recs) == n_cases and all(r["value"] > 0 for r in recs)
+
+
+def test_kernel_cases_include_the_issue_shapes():
+    cases = kernel.cases("full")
+    assert {"shape": (64, 32, 32, 64), "dtype": "float32", "layout": "channels_last",
+            "axis": -1} in cases
+    assert {"shape": (64, 64, 32, 32), "dtype": "float32", "layout": "channels_first",
+            "axis": 1} in cases
+    assert {c["dtype"] for c in cases} == {"float32", "float64"}
+
+
+# --- schema, statistics, parsing ---------------------------------------------------------------
+
+def test_record_schema_and_validation(tmp_path):
+    rec = make_record("x.y", "time", Stats([3.0, 1.0, 2.0]), "us", 2, {"shape": (2, 3)}, 1)
+    assert rec["value"] == 2.0 and rec["params"]["shape"] == [2, 3]
+    assert rec["spread"]["min"] == 1.0 and rec["spread"]["max"] == 3.0
+    assert rec["spread"]["repeats"] == 3 and rec["spread"]["warmup"] == 1
+    validate_record(rec)
+    for key, bad in (("world_size", 0), ("value", "fast"), ("spread", {"min": 1})):
+        with pytest.raises(ValueError, match=key if key != "value" else "number"):
+            validate_record(dict(rec, **{key: bad}))
+    with pytest.raises(ValueError, match="lacks"):
+        validate_record({k: v for k, v in rec.items() if k != "unit"})
+    write_results(tmp_path, {"cpu_model": "x"}, [rec])
+    assert read_results(tmp_path)["records"] == [rec]
+    (tmp_path / "results.json").write_text(json.dumps({"environment": {}, "records": [{}]}))
+    with pytest.raises(ValueError, match="results.json"):
+        read_results(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_results(tmp_path / "nowhere")
+
+
+def test_parse_ranks_and_suites():
+    assert parse_ranks("4,1,2,2") == [1, 2, 4]
+    for bad in ("1,x", "0", "", "1,-2"):
+        with pytest.raises(ValueError, match=repr(bad).replace("\\", "\\\\")):
+            parse_ranks(bad)
+    assert parse_suites([]) == ["kernel", "allreduce", "sync", "scaling"]
+    assert parse_suites(["sync", "kernel"]) == ["kernel", "sync"]
+    with pytest.raises(ValueError, match="'kernal'.*did you mean 'kernel'"):
+        parse_suites(["kernal"])
+
+
+def test_cli_rejects_bad_suite_and_ranks(capsys):
+    assert main(["bench", "--tiny", "allreduc"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'allreduc'" in err and "did you mean 'allreduce'" in err
+    assert main(["bench", "--tiny", "--ranks", "1,two"]) == 2
+    assert "'1,two'" in capsys.readouterr().err
+    assert main(["bench", "report"]) == 2
+    assert "at least one result directory" in capsys.readouterr().err
+    assert main(["bench", "report", "somewhere", "--quick"]) == 2
+    assert "--quick" in capsys.readouterr().err
+    assert main(["bench", "--tiny", "--mpiexec", "/no/such/mpiexec", "--out", "unused"]) == 2
+    assert "'/no/such/mpiexec' not found" in capsys.readouterr().err
+
+
+def test_derive_efficiency_across_sources():
+    def thr(ws, value, source):
+        rec = make_record("scaling.step", "throughput", Stats([value * 0.9, value, value * 1.1]),
+                          "samples/s", ws, {"per_rank_batch": 4, "global_batch": 4 * ws})
+        return dict(rec, source=source)
+
+    records = [thr(1, 100.0, "a"), thr(4, 300.0, "b")]
+    one, eff = sorted(derive_efficiency(records), key=lambda r: r["world_size"])
+    assert one["world_size"] == 1 and one["value"] == pytest.approx(1.0)
+    assert eff["metric"] == "efficiency" and eff["world_size"] == 4
+    assert eff["value"] == pytest.approx(0.75) and eff["source"] == "b"
+    assert eff["spread"]["min"] == pytest.approx(0.675)
+    assert derive_efficiency(records + [one, eff]) == []  # not duplicated
+
+
+def test_merge_results_keeps_common_environment():
+    a = {"environment": {"numpy": "2", "date": "d1", "hosts": ["h1"]}, "records": []}
+    b = {"environment": {"numpy": "2", "date": "d2", "hosts": ["h2"]}, "records": []}
+    env = merge_results([("a", a), ("b", b)])["environment"]
+    assert env["numpy"] == "2" and env["hosts"] == ["h1", "h2"] and "date" not in env
+    assert [(r["source"], r["date"]) for r in env["runs"]] == [("a", "d1"), ("b", "d2")]
+
+
+# --- whole runs ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`distbn bench --tiny --ranks 1,2` (the --quick path with minimal sizes)."""
+    out = tmp_path_factory.mktemp("bench") / "run"
+    code, stdout, stderr = _run(["bench", "--tiny", "--ranks", "1,2", "--timeout", "90",
+                                 "--out", str(out)], timeout=200)
+    assert code == 0, stderr[-4000:]
+    return out, stdout, stderr
+
+
+def test_tiny_run_writes_results_at_world_sizes_1_and_2(tiny_run):
+    out, stdout, stderr = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    env, records = results["environment"], results["records"]
+    for rec in records:
+        validate_record(rec)
+    assert {r["world_size"] for r in records} == {1, 2}
+    for ws in (1, 2):
+        assert _by(records, "allreduce.bn_forward", "latency", ws)
+        assert _by(records, "allreduce.bn_backward", "latency", ws)
+        assert _by(records, "allreduce.bucket", "latency", ws)
+        for pas in ("forward", "backward", "step"):
+            assert _by(records, f"sync.{pas}", "overhead", ws)
+            assert _by(records, f"sync.{pas}", "sync_time", ws)
+        assert _by(records, "scaling.step", "throughput", ws)
+    assert _by(records, "allreduce.bucket", "bandwidth", 2)
+    assert _by(records, "sync.step", "overhead_allreduces", 2)
+    assert _by(records, "scaling.step", "efficiency", 2)
+    assert _by(records, "kernel.forward", "time", 1) and _by(records, "kernel.backward", "time", 1)
+    assert not [r for r in records if r["name"].startswith("kernel.") and r["world_size"] != 1]
+    for key in ("hosts", "mpi_library", "numpy", "blas", "cpu_model", "distbn", "threads",
+                "command"):
+        assert key in env, key
+    assert "git_revision" in env or all("git_revision" in r for r in env["runs"])
+    assert env["command"].startswith("distbn bench --tiny")
+    assert sorted(r["world_size"] for r in env["runs"]) == [1, 2]
+    report = (out / "report.md").read_text()
+    for section in ("## Environment", "## Kernels", "## Allreduce", "## Scaling",
+                    "## Synchronized vs replica-local"):
+        assert section in report
+    assert "[bench n=2" in stderr  # a progress line per measurement
+
+
+def test_report_merges_two_dirs(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    other = tmp_path / "job4"
+    rec = make_record("scaling.step", "throughput", Stats([50.0, 60.0, 70.0]), "samples/s", 4,
+                      {"config": "quickstart.yaml", "per_rank_batch": 4, "global_batch": 16,
+                       "dtype": "float32", "synchronized": True})
+    write_results(other, {"hosts": ["node7"], "world_size": 4}, [rec])
+    merged_dir = tmp_path / "merged"
+    assert main(["bench", "report", str(out), str(other), "--out", str(merged_dir)]) == 0
+    merged = read_results(merged_dir)
+    assert {r["source"] for r in merged["records"]} == {str(out), str(other)}
+    assert len(_by(merged["records"], "scaling.step", "efficiency", 4)) == 1
+    assert "node7" in merged["environment"]["hosts"]
+    report = (merged_dir / "report.md").read_text()
+    assert "| source |" in report and str(other) in report
+
+
+def test_report_without_matplotlib_skips_plots(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out, _, _ = tiny_run
+    paths = write_report(read_results(out), tmp_path)
+    assert paths == [tmp_path / "report.md"]
+    assert "## Plots" not in paths[0].read_text() and not list(tmp_path.glob("*.png"))
+
+
+def test_report_with_matplotlib_writes_plots(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _, _ = tiny_run
+    paths = write_report(read_results(out), tmp_path)
+    assert {p.name for p in paths} >= {"report.md", "allreduce.png", "scaling.png", "kernel.png"}
+    assert "![scaling](scaling.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_under_mpiexec_measures_at_its_world_size(tmp_path):
+    out = tmp_path / "here"
+    run = run_mpi(2, ["-m", "distbn", "bench", "--tiny", "--out", str(out), "allreduce"],
+                  timeout=90)
+    assert run.returncode == 0 and not run.timed_out, run.failure_report()
+    results = read_results(out)
+    assert {r["world_size"] for r in results["records"]} == {2}
+    assert results["environment"]["world_size"] == 2
+    assert (out / "report.md").is_file()
+
+
+def test_sbatch_script_parses():
+    script = Path(REPO) / "launch" / "bench.sbatch"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    assert "srun --mpi=pmix --kill-on-bad-exit=1" in text
+    assert "#SBATCH --cpus-per-task=1" in text and "-m distbn bench" in text
