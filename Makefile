@@ -13,7 +13,7 @@ $(BIN)/python:
 # Reinstall only when the package metadata changes (editable install: code changes need nothing).
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[mpich,test,progress]"
+	$(BIN)/python -m pip install --quiet -e ".[mpich,test,progress,fast]"
 	touch $(STAMP)
 
 install: $(STAMP)

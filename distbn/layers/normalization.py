@@ -10,6 +10,7 @@ import numpy as np
 from distbn import constraints, initializers, regularizers
 from distbn import ops as _ops
 from distbn.distribute import get_strategy
+from distbn.faults import maybe_fail
 from distbn.layers.base import Layer
 
 __all__ = ["BatchNormalization"]
@@ -256,14 +257,18 @@ class BatchNormalization(Layer):
             mean = np.where(seen, mean, moving_mean)
             var = np.where(seen, var, moving_var)
             m = self.momentum
-            self.moving_mean.assign(np.where(seen, moving_mean * m + mean * (1.0 - m),
+            # A NaN or inf in the batch gives non-finite statistics, which must never
+            # reach the moving ones: those channels keep theirs, like channels with no
+            # position (the output still carries the non-finite values, for the caller).
+            update = seen & np.isfinite(mean) & np.isfinite(var)
+            self.moving_mean.assign(np.where(update, moving_mean * m + mean * (1.0 - m),
                                              moving_mean))
-            self.moving_variance.assign(np.where(seen, moving_var * m + var * (1.0 - m),
+            self.moving_variance.assign(np.where(update, moving_var * m + var * (1.0 - m),
                                                  moving_var))
         else:
             mean, var, count, mask = moving_mean, moving_var, None, None
 
-        y = _ops.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+        y = _ops.kernels().normalize(x, mean, var, gamma, beta, self.epsilon, red)
         self._cache = _Cache(x=x, input_dtype=input_dtype, compute_dtype=compute, mask=mask,
                              mean=mean, inv_std=_ops.inverse_std(var, self.epsilon),
                              gamma=gamma, count=count)
@@ -298,7 +303,7 @@ class BatchNormalization(Layer):
 
     def _batch_moments(self, x, mask):
         """Batch (mean, var, count) per channel, through one packed buffer [S1, S2, n]."""
-        count, local_mean, m2 = _ops.local_mean_m2(x, self._reduction_axes, mask)
+        count, local_mean, m2 = _ops.kernels().local_mean_m2(x, self._reduction_axes, mask)
         shift = self._stats_shift(local_mean)
         s1, s2 = _ops.shifted_sums(count, local_mean, m2, shift)
         buf = self._reduce_stats(_ops.pack_moments(count, s1, s2))
@@ -339,6 +344,7 @@ class BatchNormalization(Layer):
         call with a single replica.
         """
         if self._replicas_in_sync > 1:
+            maybe_fail("bn_forward")  # DISTBN_FAULT: a failure just before the collective
             self._strategy.sync_all_reduce(buffer, name=f"{self.name}/forward")
         return buffer
 
@@ -377,9 +383,10 @@ class BatchNormalization(Layer):
         dy = dy.astype(c.compute_dtype, copy=False).astype(c.x.dtype, copy=False)
         red = self._reduction_axes
         set_grads = self.trainable and (self.scale or self.center)
+        kern = _ops.kernels()  # the active backend: numba's fused kernels or numpy's
         sums = None
         if set_grads or c.count is not None:
-            sums = _ops.backward_sums(dy, c.x, c.mean, c.inv_std, red)
+            sums = kern.backward_sums(dy, c.x, c.mean, c.inv_std, red)
         if set_grads:
             # Local sums over all positions; copies, since the hook below may reduce in place.
             if self.scale:
@@ -388,10 +395,10 @@ class BatchNormalization(Layer):
                 self.beta.grad = sums[0].astype(self.beta.dtype)
             self.add_regularization_grads()
         if c.count is None:
-            dx = _ops.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, None, None, None, red)
+            dx = kern.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, None, None, None, red)
         else:
             sums = self._reduce_grad_sums(sums)
-            dx = _ops.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, sums[0], sums[1],
+            dx = kern.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, sums[0], sums[1],
                                  c.count, red, c.mask)
         # Back through the input casts (input -> compute dtype -> work dtype), as Keras;
         # a non-float input (cast, not differentiable in Keras) gets the compute dtype.

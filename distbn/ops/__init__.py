@@ -1,6 +1,12 @@
-"""Pure kernels: no state, no MPI (numpy reference implementations)."""
+"""Pure kernels: no state, no MPI.
+
+`distbn.ops.batch_norm` is the numpy reference (re-exported here); `distbn.ops.fused`
+the optional numba kernels with the same functions. `kernels()` returns the active one
+(`DISTBN_KERNELS=numpy|numba`, default: numba when installed), `backend_name()` names it.
+"""
 
 from distbn.ops import batch_norm
+from distbn.ops.backend import backend_info, backend_name, kernels, set_backend
 from distbn.ops.batch_norm import (
     backward_sums,
     input_grad,
@@ -18,5 +24,6 @@ from distbn.ops.batch_norm import (
 __all__ = [
     "batch_norm", "backward_sums", "input_grad", "inverse_std", "local_mean_m2",
     "local_moments", "moments_from_sums", "normalize", "pack_moments", "reduce_axes_for",
-    "shifted_sums", "unpack_moments",
+    "shifted_sums", "unpack_moments", "kernels", "backend_name", "backend_info",
+    "set_backend",
 ]

@@ -120,7 +120,7 @@ def shifted_sums(count, mean, m2, shift):
     Returns:
         (s1, s2): float64 channel arrays, 0 where count = 0.
     """
-    d = mean - np.asarray(shift, dtype=_F64)
+    d = np.subtract(mean, shift, dtype=_F64)
     s1 = count * d
     return s1, m2 + s1 * d
 
@@ -144,7 +144,9 @@ def local_moments(x, reduce_axes, shift, mask=None):
 
 def pack_moments(count, s1, s2) -> np.ndarray:
     """One contiguous float64 buffer [S1, S2, n] (shape (3, *channel shape)) to all-reduce."""
-    return np.stack([s1, s2, count]).astype(_F64, copy=False)
+    buf = np.empty((3,) + np.shape(count), dtype=_F64)
+    buf[0], buf[1], buf[2] = s1, s2, count
+    return buf
 
 
 def unpack_moments(buf):
@@ -163,11 +165,13 @@ def moments_from_sums(count, s1, s2, shift):
         (mean, var): `K + S1/N` and `max(S2/N − (S1/N)², 0)`; where N = 0, K and 0
         (the caller then keeps and uses the moving statistics).
     """
-    nonzero = count > 0
-    d = np.divide(s1, count, out=np.zeros_like(s1, dtype=_F64), where=nonzero)
-    ex2 = np.divide(s2, count, out=np.zeros_like(s2, dtype=_F64), where=nonzero)
-    mean = np.asarray(shift, dtype=_F64) + d
-    var = np.maximum(ex2 - d * d, 0.0)  # rounding can make it slightly negative
+    # N = 0 means S1 = S2 = 0 (no position): dividing by max(N, 1) gives the 0s.
+    n = np.maximum(count, 1.0)
+    d = np.divide(s1, n, dtype=_F64)
+    ex2 = np.divide(s2, n, dtype=_F64)
+    mean = np.add(shift, d, dtype=_F64)
+    ex2 -= d * d
+    var = np.maximum(ex2, 0.0, out=ex2)  # rounding can make it slightly negative
     return mean, var
 
 

@@ -1,0 +1,390 @@
+"""Fused batch-norm kernels (numba): the reference functions' signatures, one pass each.
+
+Drop-in for `distbn.ops.batch_norm` (same functions, arguments and results, equal to
+float rounding): `local_mean_m2` reads x once, `normalize` reads x once and writes y,
+`backward_sums` reads dy and x once, `input_grad` reads dy and x once and writes dx. No
+temporary has the input's size; per-channel constants are prepared in float64 here.
+
+Fused where the input is a C-contiguous float32/float64 array whose channel axes are
+consecutive (one axis, or a list/tuple of adjacent ones: channels-last, channels-first,
+anything in between) and the mask, if any, is constant along whatever the kernel treats
+as one row: across the channels for channels-last, across the reduced axes after the
+channels otherwise (Keras masks broadcast along the last axis, so sequences of either
+layout qualify). Everything else (non-adjacent channel axes, strided views, float16,
+masks that vary inside a row, empty inputs) goes to the numpy reference unchanged.
+
+Importing this module imports numba; `distbn.ops.backend` decides whether to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import tempfile
+import time
+
+import numba
+import numpy as np
+
+from distbn.ops import _fused_kernels as _k
+from distbn.ops import batch_norm as _ref
+
+__all__ = [
+    "local_mean_m2", "normalize", "backward_sums", "input_grad", "inverse_std",
+    "reduce_axes_for", "shifted_sums", "pack_moments", "unpack_moments", "moments_from_sums",
+    "local_moments", "compile_seconds", "lock_wait_seconds", "fused_geometry",
+]
+
+# Channel-array helpers are per-channel and cheap: shared with the reference.
+inverse_std = _ref.inverse_std
+reduce_axes_for = _ref.reduce_axes_for
+shifted_sums = _ref.shifted_sums
+pack_moments = _ref.pack_moments
+unpack_moments = _ref.unpack_moments
+moments_from_sums = _ref.moments_from_sums
+
+_F64 = np.float64
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# About 512 KiB of float32 per reduction block: 32 tasks for the threads in 16 MiB, few
+# enough that merging the blocks costs little, and the per-block partial sums (32 bytes
+# per block and channel) stay small: < 0.1% of a float32 input up to 2048 channels, at
+# most 1/8 of it (64-row blocks) beyond.
+_BLOCK_ELEMS = 1 << 17
+_MIN_BLOCK_ROWS = 64
+# Below this many elements one thread is faster than waking the others (a parallel
+# region costs microseconds, and milliseconds when another process holds the cores).
+# The blocks do not depend on the thread count, so neither do the results.
+PARALLEL_MIN_ELEMS = 1 << 17
+
+
+class _Geometry:
+    """How a supported input is viewed: rows (R, C) or planes (O, C, I), and the blocks."""
+
+    __slots__ = ("kind", "outer", "nch", "inner", "param_shape", "ch_start", "ch_stop",
+                 "rows_per_block", "outer_per_block", "shape2", "elementwise_args")
+
+    def __init__(self, shape, ch_start, ch_stop):
+        self.ch_start, self.ch_stop = ch_start, ch_stop
+        self.outer = math.prod(shape[:ch_start])
+        self.param_shape = tuple(shape[ch_start:ch_stop])
+        self.nch = math.prod(self.param_shape)
+        self.inner = math.prod(shape[ch_stop:])
+        self.kind = "rows" if self.inner == 1 else "planes"
+        # The elementwise kernels' 2-D view: (R, C) rows, or (O*C, I) planes.
+        self.shape2 = ((self.outer, self.nch) if self.kind == "rows"
+                       else (self.outer * self.nch, self.inner))
+        # Block sizes depend on the shape only: the reductions' summation order is fixed.
+        self.rows_per_block = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMS // max(self.nch, 1))
+        self.outer_per_block = max(1, _BLOCK_ELEMS // max(self.inner, 1))
+        # The elementwise kernels' last arguments: rows per task (and C for planes).
+        self.elementwise_args = ((self.rows_per_block,) if self.kind == "rows"
+                                 else (self.nch, self.outer_per_block))
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry_for(shape, reduce_axes):
+    """`_Geometry` for a shape and reduce axes, or None when the channels are not adjacent."""
+    channels = [a for a in range(len(shape)) if a not in reduce_axes]
+    if not channels or channels[-1] - channels[0] + 1 != len(channels):
+        return None
+    return _Geometry(shape, channels[0], channels[-1] + 1)
+
+
+def fused_geometry(x, reduce_axes):
+    """The fused view of `x` reduced over `reduce_axes`, or None when numpy must do it.
+
+    Args:
+        x: the input array.
+        reduce_axes: tuple of axes statistics reduce over.
+
+    Returns:
+        A `_Geometry`, or None (not a C-contiguous float32/float64 array with elements,
+        or channel axes that are not adjacent).
+    """
+    if (not isinstance(x, np.ndarray) or x.dtype not in _FLOATS or x.size == 0
+            or not x.flags.c_contiguous):
+        return None
+    return _geometry_for(x.shape, tuple(reduce_axes))
+
+
+# --- first-use compilation, serialised across processes --------------------------------
+_ready: set = set()
+_first_call = {"run": 0.0, "wait": 0.0}
+
+
+def compile_seconds() -> float:
+    """Seconds this process spent in kernels' first calls: compiling or loading them from
+    numba's disk cache (and running them once), not counting waits for the lock."""
+    return _first_call["run"]
+
+
+def lock_wait_seconds() -> float:
+    """Seconds this process waited for other processes compiling the same kernels."""
+    return _first_call["wait"]
+
+
+def _lock_path(kernel) -> str:
+    """A lock file beside numba's cache for `kernel` (the temp dir if that is unknown)."""
+    try:  # numba internals; fall back to a per-user temp file
+        cache_dir = kernel._cache._cache_path
+    except AttributeError:
+        cache_dir = None
+    try:  # numba creates it on its first save; create it now so every process agrees
+        os.makedirs(cache_dir, exist_ok=True)
+        usable = os.access(cache_dir, os.W_OK)
+    except (OSError, TypeError):
+        usable = False
+    if not usable:
+        cache_dir = tempfile.gettempdir()
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(cache_dir, f"distbn-kernels-{uid}.lock")
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive advisory lock on `path` (no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: numba's own atomic writes are all we have
+        yield
+        return
+    try:
+        f = open(path, "a")
+    except OSError:  # an unwritable cache: compile unlocked, as numba alone would
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _call(kernel, key, size, *args):
+    """Run `kernel(*args)` on an input of `size` elements.
+
+    Small inputs run on one thread. The first call per `key` (kernel and argument
+    types) holds a file lock: numba's cache writes its index and data files separately,
+    and processes compiling the same kernel at once on a cold cache have crashed
+    (numba issues #4807, #10128); under the lock one process compiles and saves, the
+    others then load what it saved.
+    """
+    if size < PARALLEL_MIN_ELEMS:
+        threads = numba.get_num_threads()
+        if threads > 1:
+            numba.set_num_threads(1)
+            try:
+                return _call(kernel, key, PARALLEL_MIN_ELEMS, *args)
+            finally:
+                numba.set_num_threads(threads)
+    if key in _ready:
+        return kernel(*args)
+    start = time.perf_counter()
+    with _file_lock(_lock_path(kernel)):
+        locked = time.perf_counter()
+        out = kernel(*args)
+    _first_call["wait"] += locked - start
+    _first_call["run"] += time.perf_counter() - locked
+    _ready.add(key)
+    return out
+
+
+# --- the four kernels -------------------------------------------------------------------
+def local_mean_m2(x, reduce_axes, mask=None):
+    """Exact per-channel count, mean and centred sum of squares M2, in one read of x.
+
+    Args:
+        x: float32 or float64 array.
+        reduce_axes: tuple of axes to reduce over.
+        mask: None, or a boolean array with x's rank, broadcastable to x.
+
+    Returns:
+        (count, mean, m2): float64 channel arrays; mean = 0 and m2 = 0 where count = 0.
+    """
+    geo = fused_geometry(x, reduce_axes)
+    flags = None if geo is None else _flags(geo, x, mask)
+    if geo is None or flags is False:
+        return _ref.local_mean_m2(x, tuple(reduce_axes), mask)
+    key = _key("moments", geo, x, flags is None)
+    if geo.kind == "rows":
+        count, mean, m2 = _call(_k.rows_moments, key, x.size, x.reshape(geo.shape2), flags,
+                                geo.rows_per_block)
+    else:
+        x3 = x.reshape(geo.outer, geo.nch, geo.inner)
+        pflags = None if flags is None else flags.reshape(geo.outer, geo.nch)
+        count, mean, m2 = _call(_k.planes_moments, key, x.size, x3, pflags,
+                                geo.outer_per_block)
+    shape = geo.param_shape
+    if len(shape) == 1:
+        return count, mean, m2
+    return count.reshape(shape), mean.reshape(shape), m2.reshape(shape)
+
+
+def local_moments(x, reduce_axes, shift, mask=None):
+    """Per-channel float64 (count n, S1 = Σ(x−K), S2 = Σ(x−K)²) over unmasked positions.
+
+    Args:
+        x: float32 or float64 array.
+        reduce_axes: tuple of axes to reduce over.
+        shift: channel array K.
+        mask: None or a boolean array with x's rank, broadcastable to x.
+
+    Returns:
+        (count, s1, s2): float64 channel arrays.
+    """
+    count, mean, m2 = local_mean_m2(x, reduce_axes, mask)
+    s1, s2 = shifted_sums(count, mean, m2, shift)
+    return count, s1, s2
+
+
+def normalize(x, mean, var, gamma, beta, epsilon, reduce_axes):
+    """`gamma * (x − mean) / sqrt(var + epsilon) + beta`: one read of x, one write of y.
+
+    Args:
+        x: float32 or float64 array.
+        mean, var: channel arrays.
+        gamma, beta: channel arrays, or None (scale 1, offset 0).
+        epsilon: positive float.
+        reduce_axes: tuple of axes the channel arrays broadcast over.
+
+    Returns:
+        y with x's shape and dtype.
+    """
+    geo = fused_geometry(x, reduce_axes)
+    if geo is None:
+        return _ref.normalize(x, mean, var, gamma, beta, epsilon, tuple(reduce_axes))
+    # The reference's per-channel arithmetic and casts (both round the same way), in
+    # few numpy calls: between two passes over x they run with cold caches.
+    coef = np.empty((2,) + geo.param_shape)
+    scale, offset = coef
+    np.divide(1.0, np.sqrt(np.add(var, epsilon, dtype=_F64)), out=scale)
+    if gamma is not None:
+        scale *= gamma
+    np.multiply(mean, scale, out=offset)
+    np.negative(offset, out=offset)  # -(mean*scale) == (-mean)*scale exactly
+    if beta is not None:
+        offset += beta
+    coef = coef.astype(x.dtype).reshape(2, geo.nch)
+    return _affine(x, geo, coef[0], coef[1])
+
+
+def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:
+    """Local per-channel float64 [Σdy, Σdy·x̂] over ALL positions, in one read of dy and x.
+
+    Args:
+        dy: gradient of the output, x's shape.
+        x: the input (float32 or float64).
+        mean, inv_std: channel arrays x̂ was formed with.
+        reduce_axes: tuple of axes to reduce over.
+
+    Returns:
+        float64 array of shape (2, *channel shape): [Σdy, Σdy·x̂].
+    """
+    geo = fused_geometry(x, reduce_axes)
+    if geo is None or not _like(dy, x):
+        return _ref.backward_sums(dy, x, mean, inv_std, tuple(reduce_axes))
+    mu = _channel_vec(mean, _F64, geo)
+    key = _key("grad_sums", geo, x, dy.flags.writeable)
+    if geo.kind == "rows":
+        out = _call(_k.rows_grad_sums, key, x.size, dy.reshape(geo.shape2),
+                    x.reshape(geo.shape2), mu, geo.rows_per_block)
+    else:
+        shape3 = (geo.outer, geo.nch, geo.inner)
+        out = _call(_k.planes_grad_sums, key, x.size, dy.reshape(shape3), x.reshape(shape3),
+                    mu, geo.outer_per_block)
+    out[1] *= _channel_vec(inv_std, _F64, geo)
+    return out.reshape((2,) + geo.param_shape)
+
+
+def input_grad(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xhat, count, reduce_axes,
+               mask=None):
+    """Exact input gradient of batch normalization: one read of dy and x, one write.
+
+    Args:
+        dy: gradient of the output, x's shape.
+        x: the input (float32 or float64).
+        mean, inv_std: channel arrays the forward pass normalised with.
+        gamma: channel array or None (scale 1).
+        sum_dy, sum_dy_xhat: channel arrays Σdy and Σdy·x̂ over the whole (global) batch;
+            ignored when `count` is None.
+        count: float64 channel array N (global); None in inference mode.
+        reduce_axes: tuple of axes to reduce over.
+        mask: None or the boolean forward mask (x's rank, broadcastable to x).
+
+    Returns:
+        dx in x's dtype, as `distbn.ops.batch_norm.input_grad`.
+    """
+    geo = fused_geometry(x, reduce_axes)
+    flags = None if geo is None or count is None else _flags(geo, x, mask)
+    if geo is None or flags is False or not _like(dy, x):
+        return _ref.input_grad(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xhat, count,
+                               tuple(reduce_axes), mask)
+    a = np.asarray(inv_std, dtype=_F64)
+    if gamma is not None:
+        a = a * gamma
+    if count is None:  # inference: the gradient of the affine map
+        return _affine(dy, geo, _channel_vec(a, x.dtype, geo), np.zeros(geo.nch, x.dtype))
+    # The reference's per-channel constants and casts: both round the same way.
+    coef = np.divide(a, count, out=np.zeros_like(a), where=count > 0)
+    c1 = coef * sum_dy
+    k = coef * sum_dy_xhat * inv_std
+    vecs = [_channel_vec(v, x.dtype, geo) for v in (a, mean, k, c1)]
+    out = np.empty_like(x)
+    kernel = _k.rows_input_grad if geo.kind == "rows" else _k.planes_input_grad
+    _call(kernel, _key("input_grad", geo, x, dy.flags.writeable, flags is None), x.size,
+          dy.reshape(geo.shape2), x.reshape(geo.shape2), *vecs, flags,
+          out.reshape(geo.shape2), *geo.elementwise_args)
+    return out
+
+
+# --- helpers ----------------------------------------------------------------------------
+def _flags(geo, x, mask):
+    """The mask as one flag per kernel row: None (no mask), or False when it varies in a row.
+
+    A row is an outer position for "rows" (the flag may not vary across the channels),
+    an (outer, channel) pair for "planes" (it may not vary along the axes after them).
+    """
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim != x.ndim:
+        return False
+    varying = (range(geo.ch_start, geo.ch_stop) if geo.kind == "rows"
+               else range(geo.ch_stop, x.ndim))
+    if any(mask.shape[a] != 1 for a in varying):
+        return False
+    stop = geo.ch_start if geo.kind == "rows" else geo.ch_stop
+    head = np.broadcast_to(mask.reshape(mask.shape[:stop]), x.shape[:stop])
+    # One flag per kernel row (the input has C or I elements per row): a small copy.
+    return np.ascontiguousarray(head, dtype=bool).reshape(-1)
+
+
+def _affine(x, geo, scale, offset):
+    """`x * scale + offset` per channel (the channel vectors already in x's dtype)."""
+    out = np.empty_like(x)
+    kernel = _k.rows_affine if geo.kind == "rows" else _k.planes_affine
+    _call(kernel, _key("affine", geo, x), x.size, x.reshape(geo.shape2), scale,
+          offset, out.reshape(geo.shape2), *geo.elementwise_args)
+    return out
+
+
+def _key(name, geo, x, *more):
+    """What selects a numba specialisation: kernel, view, dtype, read-only-ness, mask."""
+    return (name, geo.kind, x.dtype.char, x.flags.writeable) + more
+
+
+def _channel_vec(v, dtype, geo):
+    """A channel array (or scalar) as a contiguous (C,) vector of `dtype`."""
+    v = np.asarray(v)
+    if v.size != geo.nch:
+        v = np.broadcast_to(v, geo.param_shape)
+    return np.ascontiguousarray(v, dtype=dtype).reshape(geo.nch)
+
+
+def _like(dy, x) -> bool:
+    """Whether dy can share x's fused view (same shape and dtype, C-contiguous)."""
+    return (isinstance(dy, np.ndarray) and dy.shape == x.shape and dy.dtype == x.dtype
+            and dy.flags.c_contiguous)
