@@ -36,6 +36,9 @@ def _finalize_mpi_if_running() -> None:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         if mpi.COMM_WORLD.Get_size() > 1:
+            from distbn.distribute.watchdog import stop_all
+
+            stop_all()  # no stall-watchdog thread may be inside MPI while it finalizes
             mpi.Finalize()
 
 
@@ -187,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PNG", help="where to write (default RUN_DIR/metrics.png)")
     p.set_defaults(func=_cmd_plot)
 
+    from distbn.bench.cli import add_parser as add_bench_parser
 
+    add_bench_parser(sub)
+    from distbn.bench.study import add_parser as add_compare_parser  # `distbn compare`
 
+    add_compare_parser(sub)
     return parser
 
 
