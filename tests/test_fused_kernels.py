@@ -174,12 +174,12 @@ def _channel_args(x, red, seed=2):
 def test_normalize_agrees(fused, blocks, shape, red, is_fused, dtype):
     x = _data(shape, dtype)
     mean, var, gamma, beta = _channel_args(x, red)
-    for g, b in [(gamma, beta), (None, None)]:
+    for g, b in [(gamma, beta), (None, None), (gamma, None)]:
         got = fused.normalize(x, mean, var, g, b, 1e-3, red)
         want = ref.normalize(x, mean, var, g, b, 1e-3, red)
         assert got.dtype == want.dtype and got.shape == want.shape
-        rtol, atol = _tol(dtype)
-        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+        # Same per-channel arithmetic, same elementwise operations: the same bits.
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("shape,red,is_fused", CASES)
@@ -217,8 +217,7 @@ def test_input_grad_agrees(fused, blocks, shape, red, is_fused, dtype, mode):
     got = fused.input_grad(dy, x, mean, inv, gamma, *args, red, mask)
     want = ref.input_grad(dy, x, mean, inv, gamma, *args, red, mask)
     assert got.dtype == want.dtype
-    rtol, atol = _tol(dtype)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * np.abs(want).max())
+    np.testing.assert_array_equal(got, want)  # same operations in the same order
 
 
 @pytest.mark.parametrize("shape,red", [((64, 16, 16, 8), (0, 1, 2)), ((20, 3, 4096), (0, 2))])

@@ -1,9 +1,11 @@
 """Fused batch-norm kernels (numba): the reference functions' signatures, one pass each.
 
-Drop-in for `distbn.ops.batch_norm` (same functions, arguments and results, equal to
-float rounding): `local_mean_m2` reads x once, `normalize` reads x once and writes y,
-`backward_sums` reads dy and x once, `input_grad` reads dy and x once and writes dx. No
-temporary has the input's size; per-channel constants are prepared in float64 here.
+Drop-in for `distbn.ops.batch_norm` (same functions, arguments and results):
+`local_mean_m2` reads x once (float64 sums, as accurate as the reference's two passes),
+`normalize` reads x once and writes y, `backward_sums` reads dy and x once, `input_grad`
+reads dy and x once and writes dx. `normalize` and `input_grad` do the reference's
+per-channel arithmetic and elementwise operations in the same order: the same bits.
+No temporary has the input's size.
 
 Fused where the input is a C-contiguous float32/float64 array whose channel axes are
 consecutive (one axis, or a list/tuple of adjacent ones: channels-last, channels-first,
@@ -63,7 +65,7 @@ class _Geometry:
     """How a supported input is viewed: rows (R, C) or planes (O, C, I), and the blocks."""
 
     __slots__ = ("kind", "outer", "nch", "inner", "param_shape", "ch_start", "ch_stop",
-                 "rows_per_block", "outer_per_block", "shape2", "elementwise_args")
+                 "rows_per_block", "reduce_blocks", "shape2", "elementwise_args")
 
     def __init__(self, shape, ch_start, ch_stop):
         self.ch_start, self.ch_stop = ch_start, ch_stop
@@ -77,10 +79,13 @@ class _Geometry:
                        else (self.outer * self.nch, self.inner))
         # Block sizes depend on the shape only: the reductions' summation order is fixed.
         self.rows_per_block = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMS // max(self.nch, 1))
-        self.outer_per_block = max(1, _BLOCK_ELEMS // max(self.inner, 1))
+        # Planes reductions: (outer positions, channels) per block, ~_BLOCK_ELEMS each.
+        slab = self.nch * self.inner
+        self.reduce_blocks = ((max(1, _BLOCK_ELEMS // slab), self.nch) if slab < _BLOCK_ELEMS
+                              else (1, max(1, _BLOCK_ELEMS // self.inner)))
         # The elementwise kernels' last arguments: rows per task (and C for planes).
         self.elementwise_args = ((self.rows_per_block,) if self.kind == "rows"
-                                 else (self.nch, self.outer_per_block))
+                                 else (self.nch, max(1, _BLOCK_ELEMS // self.inner)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -216,7 +221,7 @@ def local_mean_m2(x, reduce_axes, mask=None):
         x3 = x.reshape(geo.outer, geo.nch, geo.inner)
         pflags = None if flags is None else flags.reshape(geo.outer, geo.nch)
         count, mean, m2 = _call(_k.planes_moments, key, x.size, x3, pflags,
-                                geo.outer_per_block)
+                                *geo.reduce_blocks)
     shape = geo.param_shape
     if len(shape) == 1:
         return count, mean, m2
@@ -256,19 +261,17 @@ def normalize(x, mean, var, gamma, beta, epsilon, reduce_axes):
     geo = fused_geometry(x, reduce_axes)
     if geo is None:
         return _ref.normalize(x, mean, var, gamma, beta, epsilon, tuple(reduce_axes))
-    # The reference's per-channel arithmetic and casts (both round the same way), in
-    # few numpy calls: between two passes over x they run with cold caches.
-    coef = np.empty((2,) + geo.param_shape)
-    scale, offset = coef
-    np.divide(1.0, np.sqrt(np.add(var, epsilon, dtype=_F64)), out=scale)
-    if gamma is not None:
-        scale *= gamma
-    np.multiply(mean, scale, out=offset)
-    np.negative(offset, out=offset)  # -(mean*scale) == (-mean)*scale exactly
-    if beta is not None:
-        offset += beta
-    coef = coef.astype(x.dtype).reshape(2, geo.nch)
-    return _affine(x, geo, coef[0], coef[1])
+    # The per-channel coefficients are computed inside the kernel: numpy calls between
+    # two passes over x run with cold caches, at several microseconds each.
+    mean, var = _vec64(mean, geo), _vec64(var, geo)
+    g = var if gamma is None else _vec64(gamma, geo)
+    b = var if beta is None else _vec64(beta, geo)
+    out = np.empty_like(x)
+    kernel = _k.rows_normalize if geo.kind == "rows" else _k.planes_normalize
+    _call(kernel, _key("normalize", geo, x), x.size, x.reshape(geo.shape2), mean, var, g, b,
+          float(epsilon), gamma is not None, beta is not None, out.reshape(geo.shape2),
+          *geo.elementwise_args)
+    return out
 
 
 def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:
@@ -294,7 +297,7 @@ def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:
     else:
         shape3 = (geo.outer, geo.nch, geo.inner)
         out = _call(_k.planes_grad_sums, key, x.size, dy.reshape(shape3), x.reshape(shape3),
-                    mu, geo.outer_per_block)
+                    mu, *geo.reduce_blocks)
     out[1] *= _channel_vec(inv_std, _F64, geo)
     return out.reshape((2,) + geo.param_shape)
 
@@ -374,6 +377,14 @@ def _affine(x, geo, scale, offset):
 def _key(name, geo, x, *more):
     """What selects a numba specialisation: kernel, view, dtype, read-only-ness, mask."""
     return (name, geo.kind, x.dtype.char, x.flags.writeable) + more
+
+
+def _vec64(v, geo):
+    """A channel array as a contiguous float64 (C,) vector (no copy when it is one)."""
+    if (type(v) is np.ndarray and v.dtype == _F64 and v.ndim == 1 and v.shape[0] == geo.nch
+            and v.flags.c_contiguous):
+        return v
+    return _channel_vec(v, _F64, geo)
 
 
 def _channel_vec(v, dtype, geo):

@@ -4,7 +4,7 @@
     python -m distbn.ops.measure --cold-start 4      # compile from an empty cache, 4 at once
 
 For each layout and thread count, one run times, taking turns (median over rounds of
-warm back-to-back calls):
+back-to-back calls after two untimed ones):
 `np.copyto` of the input (copy bandwidth), the layer's training forward
 (`bn(x, training=True)`: statistics, moving-average update, normalisation, casts), its
 forward+backward (`bn.backward(dy)` too), and `torch.nn.functional.batch_norm`
@@ -40,12 +40,14 @@ LAYOUTS = (
 )
 
 
-def _interleaved(fns: dict, rounds: int, inner: int = 4) -> dict:
+def _interleaved(fns: dict, rounds: int, inner: int = 4, warmup: int = 2) -> dict:
     """Per-call seconds of each callable: rounds of short warm runs, in turn.
 
-    Each round runs every callable once untimed (so its data is back in cache after the
-    others ran: torch's buffers evict ours, and ours torch's), then `inner` timed calls.
-    Taking turns spreads the machine's noise over all of them.
+    Each round runs every callable `warmup` times untimed, then `inner` timed calls:
+    after another callable ran, the first two calls of the next are 1.5x slower on the
+    development VM (caches refilling: torch's buffers evict ours, and ours torch's), so
+    the timed calls see each one in its steady state, as in a loop. Taking turns
+    spreads the machine's noise over all of them.
 
     Returns:
         {name: [per-call seconds of each round]}.
@@ -53,7 +55,8 @@ def _interleaved(fns: dict, rounds: int, inner: int = 4) -> dict:
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            fn()
+            for _ in range(warmup):
+                fn()
             start = time.perf_counter()
             for _ in range(inner):
                 fn()
@@ -136,8 +139,8 @@ def _scratch_bytes(x, axis) -> int:
     geo = fused.fused_geometry(x, ops.reduce_axes_for(x.ndim, (axis,)))
     if geo is None:
         return 0
-    blocks = (-(-geo.outer // geo.rows_per_block) if geo.kind == "rows"
-              else -(-geo.outer // geo.outer_per_block))
+    blocks = -(-geo.outer // (geo.rows_per_block if geo.kind == "rows"
+                              else geo.reduce_blocks[0]))
     return 4 * blocks * geo.nch * 8
 
 
