@@ -128,7 +128,7 @@ def test_a_rank_failing_during_training_ends_the_job(tmp_path, tiny, via_mpi4py)
     script = tmp_path / "fail.py"
     script.write_text(FAIL_ON_LAST_RANK.format(config=str(tiny), out=str(tmp_path / "o")))
     # Without `-m mpi4py`, MPIStrategy's excepthook alone has to abort the job.
-    r = mpiexec_python(2, [script], timeout=60, via_mpi4py=via_mpi4py)
+    r = mpiexec_python(2, [script], timeout=120, via_mpi4py=via_mpi4py)
     assert not r.timed_out and r.returncode != 0, r.report()
     assert "injected failure on the last rank" in r.stdout + r.stderr
     assert not (tmp_path / "o" / "model.npz").exists()
