@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 
 __all__ = ["install_abort_hook", "abort_hook_installed", "format_rank_traceback"]
 
 _lock = threading.Lock()
 _previous = None  # the excepthook we replaced, chained for custom hooks
+
+
+#: Seconds between printing the traceback and aborting (see `_abort_excepthook`).
+ABORT_GRACE_SECONDS = 0.5
 
 
 def install_abort_hook() -> None:
@@ -76,4 +81,8 @@ def _abort_excepthook(exc_type, exc, tb):
         sys.stdout.flush()
     except BaseException:  # closed or broken streams: aborting matters more than printing
         pass
+    # The launcher's proxy forwards our stderr asynchronously, and Abort makes it kill
+    # every rank: without a pause the traceback just written can be lost (seen with
+    # Hydra, about one run in fifty). A short grace keeps it; the job still ends at once.
+    time.sleep(ABORT_GRACE_SECONDS)
     world.Abort(1)
