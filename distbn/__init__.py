@@ -10,10 +10,30 @@ from distbn.distribute import (  # noqa: E402  (mpi4py is imported lazily)
     Strategy,
     get_strategy,
 )
-from distbn.layers import BatchNormalization, Layer, Variable  # noqa: E402
+from distbn.layers import (  # noqa: E402
+    Activation,
+    AveragePooling2D,
+    BatchNormalization,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    Layer,
+    MaxPooling2D,
+    ReLU,
+    Variable,
+)
+from distbn.models import Sequential  # noqa: E402
 
 __all__ = [
-    "__version__", "BatchNormalization", "Layer", "Variable", "constraints",
-    "initializers", "ops", "regularizers",
+    "__version__",
+    # layers and model
+    "Layer", "Variable", "BatchNormalization", "Dense", "Conv2D", "MaxPooling2D",
+    "AveragePooling2D", "GlobalAveragePooling2D", "Flatten", "ReLU", "Activation",
+    "Dropout", "Sequential",
+    # strategies
+    "Strategy", "LocalStrategy", "MPIStrategy", "get_strategy", "CollectiveMismatchError",
+    # Keras-style helpers and kernels
+    "constraints", "initializers", "regularizers", "ops",
 ]
-__all__ += ["Strategy", "LocalStrategy", "MPIStrategy", "get_strategy", "CollectiveMismatchError"]
