@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 
-__all__ = ["install_abort_hook", "abort_hook_installed", "format_rank_traceback"]
+__all__ = ["install_abort_hook", "abort_hook_installed", "abort_job", "format_rank_traceback"]
 
 _lock = threading.Lock()
 _previous = None  # the excepthook we replaced, chained for custom hooks
@@ -81,8 +81,17 @@ def _abort_excepthook(exc_type, exc, tb):
         sys.stdout.flush()
     except BaseException:  # closed or broken streams: aborting matters more than printing
         pass
-    # The launcher's proxy forwards our stderr asynchronously, and Abort makes it kill
-    # every rank: without a pause the traceback just written can be lost (seen with
-    # Hydra, about one run in fifty). A short grace keeps it; the job still ends at once.
+    abort_job(1)
+
+
+def abort_job(code: int = 1) -> None:
+    """End the whole MPI job: `COMM_WORLD.Abort(code)`, after a short pause.
+
+    The launcher's proxy forwards this rank's stderr asynchronously, and Abort makes it
+    kill every rank: without the pause, a report just written can be lost (seen with
+    Hydra, about one run in fifty). The job still ends within a second.
+    """
+    from mpi4py import MPI
+
     time.sleep(ABORT_GRACE_SECONDS)
-    world.Abort(1)
+    MPI.COMM_WORLD.Abort(code)

@@ -36,6 +36,8 @@ import threading
 import time
 import weakref
 
+from .abort import abort_job
+
 __all__ = ["STALL_ENV_VAR", "Watchdog", "check_stall_timeout", "stall_timeout_from_env",
            "describe_stall", "stop_all"]
 
@@ -172,7 +174,7 @@ class Watchdog:
         self._size = comm.Get_size()
         self._MPI = MPI
         self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
-        self._abort = abort if abort is not None else (lambda code: MPI.COMM_WORLD.Abort(code))
+        self._abort = abort if abort is not None else abort_job
         self._err = err
         self._stop = threading.Event()
         self._pending = []  # send requests not yet known complete
