@@ -26,22 +26,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finalize_mpi_if_running() -> None:
-    """End MPI cleanly before a collective non-zero exit.
-
-    Every rank returns the same code together, so finalizing is safe, and it keeps
-    `python -m mpi4py` from turning the exit status into an MPI_Abort (whose banner
-    would bury the one-line error).
-    """
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        if mpi.COMM_WORLD.Get_size() > 1:
-            from distbn.distribute.watchdog import stop_all
-
-            stop_all()  # no stall-watchdog thread may be inside MPI while it finalizes
-            mpi.Finalize()
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from distbn.distribute import get_strategy
     from distbn.train import trainer
@@ -56,7 +40,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("distbn train: interrupted", file=sys.stderr, flush=True)
         return 130
     if code:
-        _finalize_mpi_if_running()
+        from distbn.distribute.launch import finalize_mpi_for_exit
+
+        finalize_mpi_for_exit()
     return code
 
 

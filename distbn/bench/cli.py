@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from distbn.distribute.launch import current_world_size, finalize_mpi_for_exit
+
 __all__ = ["add_parser", "cmd_bench"]
 
 _USAGE = ("distbn bench [--quick] [--out DIR] [--ranks 1,2,...] [--no-launch] [SUITE ...]\n"
@@ -76,21 +78,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def _launched_size() -> int:
-    """World size of the MPI job this process belongs to (1 when not launched as one)."""
-    from distbn.distribute.launch import launched_world_size, mpi_world_size_if_initialized
-
-    return max(mpi_world_size_if_initialized() or 1, launched_world_size())
-
-
-def _finalize_mpi() -> None:
-    # A collective non-zero exit under `python -m mpi4py` would otherwise become an
-    # MPI_Abort whose banner buries the one-line error.
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-
-
 def _command_line(args, suites) -> str:
     argv = ["distbn", "bench"]
     if args.quick:
@@ -149,7 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suites and args.suites[0] == "report":
         return _cmd_report(args)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    here = args.no_launch or _launched_size() > 1
+    here = args.no_launch or current_world_size() > 1
     problem = None
     try:
         suites = runner.parse_suites(args.suites)
@@ -169,7 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not here or _world_rank() == 0:
             _error(problem)
         if here:
-            _finalize_mpi()
+            finalize_mpi_for_exit()
         return 2
     command = _command_line(args, args.suites)
     if here:

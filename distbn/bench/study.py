@@ -54,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distbn.distribute.launch import current_world_size, finalize_mpi_for_exit
+
 __all__ = [
     "MODES",
     "REFERENCE",
@@ -525,20 +527,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def _launched_size() -> int:
-    from distbn.distribute.launch import launched_world_size, mpi_world_size_if_initialized
-
-    return max(mpi_world_size_if_initialized() or 1, launched_world_size())
-
-
-def _finalize_mpi() -> None:
-    # A collective non-zero exit under `python -m mpi4py` would otherwise become an
-    # MPI_Abort whose banner buries the one-line error.
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-
-
 def _check_args(args, size) -> tuple[list, int, object]:
     """Validate arguments and both configs. Returns (mode configs, ranks, dataset)."""
     from distbn.train import builder
@@ -592,7 +580,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from distbn.train.config import ConfigError
     from distbn.train.data import DataError
 
-    size = _launched_size()
+    size = current_world_size()
     try:
         configs, ranks, dataset = _check_args(args, size)
     except (StudyError, ConfigError, DataError) as exc:
@@ -602,7 +590,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             # Every rank finds the same problem: rank 0 says it, all exit together.
             if get_strategy().replica_id == 0:
                 _error(str(exc))
-            _finalize_mpi()
+            finalize_mpi_for_exit()
             return 2
         return _error(str(exc))
     out = Path(args.out)
@@ -663,7 +651,7 @@ def _run_ranks(args, configs, ranks, out, dataset) -> int:
         # all ranks leave together with the message printed once.
         if rank == 0:
             print(f"{_PREFIX}: error: {mode}: {exc}", file=sys.stderr, flush=True)
-        _finalize_mpi()
+        finalize_mpi_for_exit()
         return 1
     finally:
         if writer is not None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["launched_world_size", "mpi_world_size_if_initialized"]
+__all__ = ["launched_world_size", "mpi_world_size_if_initialized", "current_world_size",
+           "finalize_mpi_for_exit"]
 
 # Variables that state the world size outright: MPICH/Intel MPI Hydra and Slurm's pmi2
 # (PMI_SIZE), Open MPI (OMPI_COMM_WORLD_SIZE), MVAPICH2 (MV2_COMM_WORLD_SIZE).
@@ -71,3 +72,29 @@ def _int(value) -> int | None:
         return int(str(value).strip())
     except ValueError:
         return None
+
+
+def current_world_size() -> int:
+    """The size of the MPI job this process belongs to (1 when it is not one of several
+    ranks), without initialising MPI when the launcher's environment already says so."""
+    return max(mpi_world_size_if_initialized() or 1, launched_world_size())
+
+
+def finalize_mpi_for_exit() -> None:
+    """End MPI cleanly before a collective non-zero exit (a no-op when MPI is not running
+    across several ranks).
+
+    Every rank returns the same code together, so finalizing is safe, and it keeps
+    `python -m mpi4py` from turning the exit status into an MPI_Abort whose banner would
+    bury the one-line error. Stall-watchdog threads are stopped first: none may be inside
+    MPI while it finalizes.
+    """
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        if mpi.COMM_WORLD.Get_size() > 1:
+            from .watchdog import stop_all
+
+            stop_all()
+            mpi.Finalize()
