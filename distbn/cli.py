@@ -12,6 +12,10 @@ import sys
 
 __all__ = ["main"]
 
+# Commands that run many steps over large arrays: they keep freed memory for reuse
+# (distbn/memory.py; DISTBN_MALLOC=default turns this off).
+_LONG_RUNNING = ("train", "bench", "compare")
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import json
@@ -189,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distbn` console script. Returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in _LONG_RUNNING:
+        from distbn.memory import retain_freed_memory
+
+        try:
+            retain_freed_memory()
+        except ValueError as err:  # every rank sees the same environment: all exit here
+            print(f"distbn {args.command}: error: {err}", file=sys.stderr, flush=True)
+            return 2
     return int(args.func(args) or 0)
 
 

@@ -396,8 +396,9 @@ class _TwoReplicas(BatchNormalization):
     def _reduce_grad_sums(self, buffer):
         self.calls.append(("grads", buffer.shape))
         c = self._cache
+        inv_std = distbn.ops.inverse_std(c.var, self.epsilon)
         return buffer + distbn.ops.backward_sums(self.other_dy, self.other_x, c.mean,
-                                                 c.inv_std, self._reduction_axes)
+                                                 inv_std, self._reduction_axes)
 
 
 @pytest.mark.parametrize("split", [0, 3, 7])

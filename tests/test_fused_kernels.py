@@ -54,6 +54,7 @@ CASES = [
     ((5, 7, 6), (0, 1), True),              # channels-last, serial
     ((20, 3, 4096), (0, 2), True),          # channels-first
     ((6, 8, 5, 5), (0, 2, 3), True),        # channels-first images
+    ((10, 6, 2000), (0, 2), True),          # channels-first, parallel: 4 rows + 2 per sweep
     ((9, 4), (0,), True),                   # features
     ((4, 3, 5, 2), (0, 3), True),           # tuple axis (1, 2): adjacent channels
     ((3, 1), (1,), True),                   # axis 0 of a (N, 1) input: inner == 1
@@ -167,6 +168,75 @@ def _channel_args(x, red, seed=2):
     gamma = rng.normal(1.0, 0.3, pshape)
     beta = rng.normal(0.0, 0.3, pshape)
     return mean, var, gamma, beta
+
+
+def _param_shape(shape, red):
+    return tuple(d for a, d in enumerate(shape) if a not in red)
+
+
+@pytest.mark.parametrize("shape,red,is_fused", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", ["gamma+beta", "none"])
+@pytest.mark.parametrize("moving_dtype", [np.float32, np.float64, np.float16])
+def test_train_forward_same_bits_as_its_steps(fused, blocks, shape, red, is_fused, dtype,
+                                              affine, moving_dtype):
+    """The one-call forward equals moments, moving update and normalize done one by one
+    (the same bits), and agrees with the numpy reference to the dtype's rounding."""
+    x = _data(shape, dtype)
+    rng = np.random.default_rng(4)
+    pshape = _param_shape(shape, red)
+    gamma, beta = ((rng.normal(1.0, 0.3, pshape), rng.normal(0.0, 0.3, pshape))
+                   if affine == "gamma+beta" else (None, None))
+    start = [rng.normal(3.0, 0.5, pshape).astype(moving_dtype),
+             rng.uniform(1.0, 5.0, pshape).astype(moving_dtype)]
+    runs = {}
+    for name, fn in [("one call", fused.train_forward),
+                     ("steps", lambda *a: ref.compose_train_forward(
+                         fused.local_mean_m2, fused.normalize, *a)),
+                     ("numpy", ref.train_forward)]:
+        moving = [m.copy() for m in start]
+        out = fn(x, red, None, gamma, beta, 1e-3, *moving, 0.9)
+        runs[name] = (*out, *moving)
+    for got, want in zip(runs["one call"], runs["steps"], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    rtol, scale = _tol(dtype)
+    y, count, mean, var, moving_mean, moving_var = runs["one call"]
+    assert y.dtype == dtype and count.shape == mean.shape == var.shape == pshape
+    assert moving_mean.dtype == moving_dtype
+    np.testing.assert_allclose(y, runs["numpy"][0], rtol=rtol, atol=scale * 10)
+    np.testing.assert_allclose(var, runs["numpy"][3], rtol=rtol)
+    # The moving statistics moved 10% of the way to the batch's.
+    want_mean = start[0].astype(np.float64) * 0.9 + mean * 0.1
+    np.testing.assert_allclose(moving_mean, want_mean.astype(moving_dtype), rtol=1e-6)
+
+
+def test_train_forward_keeps_moving_stats_from_non_finite_batches(fused):
+    x = _data((64, 16, 16, 8), np.float32)
+    x[3, 4, 5, 2] = np.nan
+    x[1, 1, 1, 6] = np.inf
+    moving = [np.full(8, 0.5, np.float32), np.full(8, 2.0, np.float32)]
+    y, count, mean, var = fused.train_forward(x, (0, 1, 2), None, None, None, 1e-3,
+                                              *moving, 0.9)
+    finite = np.ones(8, bool)
+    finite[[2, 6]] = False
+    assert np.isnan(y[..., 2]).all() and not np.isfinite(var[6])
+    np.testing.assert_array_equal(moving[0][~finite], 0.5)
+    np.testing.assert_array_equal(moving[1][~finite], 2.0)
+    assert (moving[0][finite] != 0.5).all() and np.isfinite(y[..., finite]).all()
+
+
+def test_train_forward_with_a_mask_takes_the_steps(fused):
+    # Channels with no unmasked position keep (and are normalised with) moving stats.
+    x = _data((6, 5, 4), np.float32)
+    mask = np.zeros((6, 5, 1), bool)
+    moving = [np.full(4, 0.5, np.float32), np.full(4, 2.0, np.float32)]
+    y, count, mean, var = fused.train_forward(x, (0, 1), mask, None, None, 1e-3, *moving,
+                                              0.9)
+    np.testing.assert_array_equal(count, 0.0)
+    np.testing.assert_array_equal(mean, 0.5)
+    np.testing.assert_array_equal(moving[1], 2.0)
+    np.testing.assert_allclose(y, (x - 0.5) / np.sqrt(2.0 + 1e-3), rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape,red,is_fused", CASES)

@@ -128,6 +128,9 @@ def environment(comm=None) -> dict:
     env["kernel_backend"] = kernel_backend()
     env["kernel_backend_info"] = kernel_backend_info()
     env["DISTBN_KERNELS"] = os.environ.get("DISTBN_KERNELS")  # the backend switch, if set
+    from distbn.memory import malloc_setting
+
+    env["malloc"] = malloc_setting()  # "retain": freed memory kept for reuse (memory.py)
     env["platform"] = platform.platform()
     env["load_average"] = load_average()
     return env

@@ -63,7 +63,7 @@ class _Cache:
     compute_dtype: np.dtype  # y's dtype; dy and dx pass through it, as autodiff of casts does
     mask: np.ndarray | None  # boolean, x's rank (training mode only)
     mean: np.ndarray         # float64 channel arrays the output was normalised with
-    inv_std: np.ndarray
+    var: np.ndarray
     gamma: np.ndarray | None
     count: np.ndarray | None  # global N per channel in training mode; None in inference
 
@@ -248,30 +248,26 @@ class BatchNormalization(Layer):
         red = self._reduction_axes
         gamma = self.gamma.value.astype(np.float64) if self.scale else None
         beta = self.beta.value.astype(np.float64) if self.center else None
-        moving_mean = self.moving_mean.value.astype(np.float64)
-        moving_var = self.moving_variance.value.astype(np.float64)
 
-        if training and self.trainable:
-            mean, var, count = self._batch_moments(x, mask)
-            seen = count > 0  # channels with no position keep their moving statistics
-            mean = np.where(seen, mean, moving_mean)
-            var = np.where(seen, var, moving_var)
-            m = self.momentum
-            # A NaN or inf in the batch gives non-finite statistics, which must never
-            # reach the moving ones: those channels keep theirs, like channels with no
-            # position (the output still carries the non-finite values, for the caller).
-            update = seen & np.isfinite(mean) & np.isfinite(var)
-            self.moving_mean.assign(np.where(update, moving_mean * m + mean * (1.0 - m),
-                                             moving_mean))
-            self.moving_variance.assign(np.where(update, moving_var * m + var * (1.0 - m),
-                                                 moving_var))
+        kern = _ops.kernels()  # the active backend: numba's fused kernels or numpy's
+        if not (training and self.trainable):
+            mean = self.moving_mean.value.astype(np.float64)
+            var = self.moving_variance.value.astype(np.float64)
+            count = mask = None
+            y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+        elif self._replicas_in_sync == 1:
+            # Statistics, moving averages and normalisation in one call (one compiled
+            # function on the numba backend).
+            y, count, mean, var = kern.train_forward(
+                x, red, mask, gamma, beta, self.epsilon, self.moving_mean.value,
+                self.moving_variance.value, self.momentum)
         else:
-            mean, var, count, mask = moving_mean, moving_var, None, None
-
-        y = _ops.kernels().normalize(x, mean, var, gamma, beta, self.epsilon, red)
+            mean, var, count = self._synchronized_moments(x, mask)
+            mean, var = _ops.update_moving(self.moving_mean.value, self.moving_variance.value,
+                                           count, mean, var, self.momentum)
+            y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
         self._cache = _Cache(x=x, input_dtype=input_dtype, compute_dtype=compute, mask=mask,
-                             mean=mean, inv_std=_ops.inverse_std(var, self.epsilon),
-                             gamma=gamma, count=count)
+                             mean=mean, var=var, gamma=gamma, count=count)
         self.losses = self.regularization_losses()
         return y.astype(compute, copy=False)
 
@@ -301,16 +297,16 @@ class BatchNormalization(Layer):
             raise ValueError(f"The mask must be boolean or numeric, got dtype {mask.dtype}")
         return (mask if mask.dtype == bool else mask != 0).reshape(expanded)
 
-    def _batch_moments(self, x, mask):
-        """Batch (mean, var, count) per channel, through one packed buffer [S1, S2, n]."""
+    def _synchronized_moments(self, x, mask):
+        """Batch (mean, var, count) per channel over the sync group: shifted sums, summed
+        in one packed buffer [S1, S2, n]."""
         count, local_mean, m2 = _ops.kernels().local_mean_m2(x, self._reduction_axes, mask)
-        shift = self._stats_shift(local_mean)
+        shift = self._stats_shift()
         s1, s2 = _ops.shifted_sums(count, local_mean, m2, shift)
         buf = self._reduce_stats(_ops.pack_moments(count, s1, s2))
         total, s1, s2 = _ops.unpack_moments(buf)
         mean, var = _ops.moments_from_sums(total, s1, s2, shift)
-        if self._replicas_in_sync > 1 and _ill_conditioned(total, mean - shift, var,
-                                                                self.epsilon):
+        if _ill_conditioned(total, mean - shift, var, self.epsilon):
             # S2/N - (S1/N)² cancels when the shift is far from the mean, relative to the
             # spread (a fresh moving mean and uncentred data). Every rank sees the same
             # global sums, so every rank takes this branch together: one more all-reduce
@@ -325,17 +321,13 @@ class BatchNormalization(Layer):
         """How many replicas share this layer's batch statistics (1: replica-local)."""
         return 1 if self._strategy is None else self._strategy.sync_group_size
 
-    def _stats_shift(self, local_mean):
-        """The per-channel shift K of the shifted sums.
+    def _stats_shift(self):
+        """The per-channel shift K of the shifted sums that replicas add up.
 
-        Alone, the exact local mean (S1 = 0, S2 = M2: no cancellation at all). Summed
-        across replicas K must be identical everywhere: the moving mean, which tracks
-        the batch mean once warmed up; `_batch_moments` repairs the variance when K is
-        too far off.
+        K must be identical on every replica: the moving mean, which tracks the batch
+        mean once warmed up; `_batch_moments` repairs the variance when K is too far off.
         """
-        if self._replicas_in_sync > 1:
-            return self.moving_mean.value.astype(np.float64)
-        return local_mean
+        return self.moving_mean.value.astype(np.float64)
 
     def _reduce_stats(self, buffer):
         """Sum a packed float64 statistics buffer over the sync group, in place.
@@ -382,11 +374,12 @@ class BatchNormalization(Layer):
         # The output was cast to the compute dtype: its cotangent lives there too.
         dy = dy.astype(c.compute_dtype, copy=False).astype(c.x.dtype, copy=False)
         red = self._reduction_axes
+        inv_std = _ops.inverse_std(c.var, self.epsilon)
         set_grads = self.trainable and (self.scale or self.center)
         kern = _ops.kernels()  # the active backend: numba's fused kernels or numpy's
         sums = None
         if set_grads or c.count is not None:
-            sums = kern.backward_sums(dy, c.x, c.mean, c.inv_std, red)
+            sums = kern.backward_sums(dy, c.x, c.mean, inv_std, red)
         if set_grads:
             # Local sums over all positions; copies, since the hook below may reduce in place.
             if self.scale:
@@ -395,10 +388,10 @@ class BatchNormalization(Layer):
                 self.beta.grad = sums[0].astype(self.beta.dtype)
             self.add_regularization_grads()
         if c.count is None:
-            dx = kern.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, None, None, None, red)
+            dx = kern.input_grad(dy, c.x, c.mean, inv_std, c.gamma, None, None, None, red)
         else:
             sums = self._reduce_grad_sums(sums)
-            dx = kern.input_grad(dy, c.x, c.mean, c.inv_std, c.gamma, sums[0], sums[1],
+            dx = kern.input_grad(dy, c.x, c.mean, inv_std, c.gamma, sums[0], sums[1],
                                  c.count, red, c.mask)
         # Back through the input casts (input -> compute dtype -> work dtype), as Keras;
         # a non-float input (cast, not differentiable in Keras) gets the compute dtype.

@@ -30,7 +30,7 @@ from numba.core.extending import intrinsic
 __all__ = [
     "rows_moments", "planes_moments", "rows_normalize", "planes_normalize", "rows_affine",
     "planes_affine", "rows_grad_sums", "planes_grad_sums", "rows_input_grad",
-    "planes_input_grad",
+    "planes_input_grad", "rows_train_forward", "planes_train_forward",
 ]
 
 # Reductions along the contiguous axis (planes) need reassociation for LLVM to
@@ -197,6 +197,52 @@ def rows_moments(x2, rmask, rows_per_block):
     return count, mean, m2
 
 
+@njit(inline="always")
+def _plane_sums(x3, o, c, k):
+    """Σ(x−k) and Σ(x−k)² over the contiguous row x3[o, c, :], in float64."""
+    t1 = 0.0
+    t2 = 0.0
+    for i in range(x3.shape[2]):
+        d = np.float64(x3[o, c, i]) - k
+        t1 += d
+        t2 += d * d
+    return t1, t2
+
+
+@njit(inline="always")
+def _plane_sums4(x3, o, c, k0, k1, k2, k3):
+    """`_plane_sums` of the four rows x3[o, c:c+4, :] in one sweep.
+
+    Four independent pairs of accumulators: one row's sums are a chain of dependent
+    adds, which at one row per loop bounds the statistics pass (channels-first, 16 MiB
+    float32, one thread: 0.72 -> 0.63 ms measured; the read-only bandwidth is 0.58 ms).
+    Each row's sums are what `_plane_sums` gives.
+    """
+    a0 = q0 = a1 = q1 = a2 = q2 = a3 = q3 = 0.0
+    for i in range(x3.shape[2]):
+        d0 = np.float64(x3[o, c, i]) - k0
+        d1 = np.float64(x3[o, c + 1, i]) - k1
+        d2 = np.float64(x3[o, c + 2, i]) - k2
+        d3 = np.float64(x3[o, c + 3, i]) - k3
+        a0 += d0
+        q0 += d0 * d0
+        a1 += d1
+        q1 += d1 * d1
+        a2 += d2
+        q2 += d2 * d2
+        a3 += d3
+        q3 += d3 * d3
+    return a0, q0, a1, q1, a2, q2, a3, q3
+
+
+@njit(inline="always")
+def _add_plane(part, ob, c, n, t1, t2):
+    """Add one row's count and sums to block `ob`'s partial sums of channel c."""
+    part[0, ob, c] += n
+    part[2, ob, c] += t1
+    part[3, ob, c] += t2
+
+
 @njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
 def planes_moments(x3, pmask, outer_per_block, chan_per_block):
     """Per-channel float64 (count, mean, M2) of `x3` (O, C, I) over the unmasked rows.
@@ -231,20 +277,24 @@ def planes_moments(x3, pmask, outer_per_block, chan_per_block):
             if first < o1:
                 part[1, ob, c] = x3[first, c, 0]
         for o in range(o0, o1):
-            for c in range(c0, c1):
+            rest = c0  # rows before `rest` are done four at a time
+            if pmask is None:
+                while rest + 4 <= c1:
+                    c = rest
+                    a0, q0, a1, q1, a2, q2, a3, q3 = _plane_sums4(
+                        x3, o, c, part[1, ob, c], part[1, ob, c + 1], part[1, ob, c + 2],
+                        part[1, ob, c + 3])
+                    _add_plane(part, ob, c, inner, a0, q0)
+                    _add_plane(part, ob, c + 1, inner, a1, q1)
+                    _add_plane(part, ob, c + 2, inner, a2, q2)
+                    _add_plane(part, ob, c + 3, inner, a3, q3)
+                    rest += 4
+            for c in range(rest, c1):  # the rest, and every row when there is a mask
                 if pmask is not None:
                     if not pmask[o, c]:
                         continue
-                k = part[1, ob, c]
-                t1 = 0.0
-                t2 = 0.0
-                for i in range(inner):
-                    d = np.float64(x3[o, c, i]) - k
-                    t1 += d
-                    t2 += d * d
-                part[0, ob, c] += inner
-                part[2, ob, c] += t1
-                part[3, ob, c] += t2
+                t1, t2 = _plane_sums(x3, o, c, part[1, ob, c])
+                _add_plane(part, ob, c, inner, t1, t2)
     count = np.zeros(nch)
     mean = np.zeros(nch)
     m2 = np.zeros(nch)
@@ -543,3 +593,67 @@ def planes_input_grad(dy2, x2, a, mu, k, c1, pmask, out, nch, rows_per_block):
             cc = c1[c]
             for i in range(inner):
                 out[r, i] = dy2[r, i] * ac - ((x2[r, i] - m) * kc + cc)
+
+
+# --- one replica's training forward in one call ----------------------------------------
+# The layer's steps between the two passes, compiled: after a pass over a large input,
+# each small numpy call runs on cold caches (~5 us each here), and the dozen of them
+# cost about 5% of a 16 MiB forward.
+
+
+@njit(cache=True, error_model="numpy")
+def _update_moving(moving_mean, moving_var, count, mean, m2, momentum):
+    """`distbn.ops.batch_norm.update_moving` of var = m2 / max(count, 1), same rounding.
+
+    Updates the moving arrays in place; returns the float64 (mean, var) to normalise
+    with.
+    """
+    nch = count.shape[0]
+    var = np.empty(nch)
+    for c in range(nch):
+        var[c] = m2[c] / max(count[c], 1.0)
+    for c in range(nch):
+        old_mean = np.float64(moving_mean[c])
+        old_var = np.float64(moving_var[c])
+        if count[c] > 0:
+            if np.isfinite(mean[c]) and np.isfinite(var[c]):
+                moving_mean[c] = old_mean * momentum + mean[c] * (1.0 - momentum)
+                moving_var[c] = old_var * momentum + var[c] * (1.0 - momentum)
+        else:  # no position: normalise with (and keep) the moving statistics
+            mean[c] = old_mean
+            var[c] = old_var
+    return mean, var
+
+
+@njit(cache=True)
+def rows_train_forward(x2, rows_per_block, gamma, beta, epsilon, use_gamma, use_beta,
+                       moving_mean, moving_var, momentum, out):
+    """`rows_moments`, `_update_moving` and `rows_normalize` (no mask) in one call.
+
+    Returns:
+        (count, mean, var): float64 (C,); out holds y; the moving arrays are updated.
+    """
+    count, mean, m2 = rows_moments(x2, None, rows_per_block)
+    mean, var = _update_moving(moving_mean, moving_var, count, mean, m2, momentum)
+    rows_normalize(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out,
+                   rows_per_block)
+    return count, mean, var
+
+
+@njit(cache=True)
+def planes_train_forward(x3, outer_per_block, chan_per_block, rows_per_block, gamma, beta,
+                         epsilon, use_gamma, use_beta, moving_mean, moving_var, momentum,
+                         out):
+    """`planes_moments`, `_update_moving` and `planes_normalize` (no mask) in one call.
+
+    Returns:
+        (count, mean, var): float64 (C,); out (x3's shape) holds y; the moving arrays
+        are updated.
+    """
+    count, mean, m2 = planes_moments(x3, None, outer_per_block, chan_per_block)
+    mean, var = _update_moving(moving_mean, moving_var, count, mean, m2, momentum)
+    nout, nch, inner = x3.shape
+    rows_shape = (nout * nch, inner)
+    planes_normalize(x3.reshape(rows_shape), mean, var, gamma, beta, epsilon, use_gamma,
+                     use_beta, out.reshape(rows_shape), nch, rows_per_block)
+    return count, mean, var

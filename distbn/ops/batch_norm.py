@@ -5,6 +5,10 @@ along its channel axes, i.e. `x.shape` without `reduce_axes`. Statistics and gra
 sums are float64 whatever the input dtype; full-size temporaries stay in `x.dtype`
 (float32 or float64: the layer upcasts float16 before calling these).
 
+Forward, training, one replica: `y, count, mean, var = train_forward(...)`, which is
+`local_mean_m2`, `var = m2 / max(count, 1)`, `update_moving` and `normalize` in one
+call (numba's version runs them in one compiled function).
+
 Forward, training (the synchronized layer inserts one all-reduce at step 3):
     1. `count, mean, m2 = local_mean_m2(x, reduce_axes, mask)`   exact two-pass
     2. `s1, s2 = shifted_sums(count, mean, m2, shift)`; `buf = pack_moments(count, s1, s2)`
@@ -34,7 +38,7 @@ import numpy as np
 __all__ = [
     "reduce_axes_for", "local_mean_m2", "shifted_sums", "local_moments", "pack_moments",
     "unpack_moments", "moments_from_sums", "inverse_std", "normalize", "backward_sums",
-    "input_grad",
+    "input_grad", "update_moving", "train_forward",
 ]
 
 _F64 = np.float64
@@ -202,6 +206,71 @@ def normalize(x, mean, var, gamma, beta, epsilon, reduce_axes):
     y = np.multiply(x, _expand(scale.astype(x.dtype), reduce_axes))
     y += _expand(offset.astype(x.dtype), reduce_axes)
     return y
+
+
+def update_moving(moving_mean, moving_var, count, mean, var, momentum):
+    """`moving = moving * momentum + batch * (1 - momentum)`, in place, where it is safe.
+
+    Channels with no position (count 0) keep their moving statistics and are
+    normalised with them. Non-finite batch statistics (a NaN or inf in the batch) never
+    reach the moving ones: those channels keep theirs too.
+
+    Args:
+        moving_mean, moving_var: the moving-statistics arrays, updated in place (the
+            float64 results are rounded to their dtype).
+        count, mean, var: float64 channel arrays of the batch.
+        momentum: float in [0, 1].
+
+    Returns:
+        (mean, var): float64 statistics to normalise with.
+    """
+    old_mean = moving_mean.astype(_F64)
+    old_var = moving_var.astype(_F64)
+    seen = count > 0
+    if not seen.all():
+        mean = np.where(seen, mean, old_mean)
+        var = np.where(seen, var, old_var)
+    new_mean = old_mean * momentum + mean * (1.0 - momentum)
+    new_var = old_var * momentum + var * (1.0 - momentum)
+    update = seen & np.isfinite(mean) & np.isfinite(var)
+    if not update.all():  # the common case needs no select
+        new_mean = np.where(update, new_mean, old_mean)
+        new_var = np.where(update, new_var, old_var)
+    moving_mean[...] = new_mean
+    moving_var[...] = new_var
+    return mean, var
+
+
+def train_forward(x, reduce_axes, mask, gamma, beta, epsilon, moving_mean, moving_var,
+                  momentum):
+    """One replica's training forward: batch statistics, moving averages, normalisation.
+
+    Args:
+        x: float32 or float64 array.
+        reduce_axes: tuple of axes to reduce over.
+        mask: None or a boolean array with x's rank, broadcastable to x.
+        gamma, beta: float64 channel arrays, or None (scale 1, offset 0).
+        epsilon: positive float.
+        moving_mean, moving_var: moving-statistics arrays, updated in place
+            (`update_moving`).
+        momentum: float in [0, 1].
+
+    Returns:
+        (y, count, mean, var): y in x's dtype; float64 channel arrays of the count and
+        the statistics y was normalised with.
+    """
+    return compose_train_forward(local_mean_m2, normalize, x, reduce_axes, mask, gamma,
+                                 beta, epsilon, moving_mean, moving_var, momentum)
+
+
+def compose_train_forward(moments_fn, normalize_fn, x, reduce_axes, mask, gamma, beta,
+                          epsilon, moving_mean, moving_var, momentum):
+    """`train_forward` from a backend's `local_mean_m2` and `normalize` (same arguments)."""
+    count, mean, m2 = moments_fn(x, reduce_axes, mask)
+    mean, var = update_moving(moving_mean, moving_var, count, mean,
+                              m2 / np.maximum(count, 1.0), momentum)
+    y = normalize_fn(x, mean, var, gamma, beta, epsilon, reduce_axes)
+    return y, count, mean, var
 
 
 def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:

@@ -37,6 +37,7 @@ __all__ = [
     "local_mean_m2", "normalize", "backward_sums", "input_grad", "inverse_std",
     "reduce_axes_for", "shifted_sums", "pack_moments", "unpack_moments", "moments_from_sums",
     "local_moments", "compile_seconds", "lock_wait_seconds", "fused_geometry",
+    "update_moving", "train_forward",
 ]
 
 # Channel-array helpers are per-channel and cheap: shared with the reference.
@@ -46,8 +47,12 @@ shifted_sums = _ref.shifted_sums
 pack_moments = _ref.pack_moments
 unpack_moments = _ref.unpack_moments
 moments_from_sums = _ref.moments_from_sums
+update_moving = _ref.update_moving
 
 _F64 = np.float64
+# Stands in for gamma or beta when there is none: the kernels then never read it, and
+# one compiled specialisation serves both cases.
+_UNUSED = np.zeros(0)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # About 512 KiB of float32 per reduction block: 32 tasks for the threads in 16 MiB, few
 # enough that merging the blocks costs little, and the per-block partial sums (32 bytes
@@ -274,6 +279,42 @@ def normalize(x, mean, var, gamma, beta, epsilon, reduce_axes):
     return out
 
 
+def train_forward(x, reduce_axes, mask, gamma, beta, epsilon, moving_mean, moving_var,
+                  momentum):
+    """One replica's training forward (`distbn.ops.batch_norm.train_forward`), one call.
+
+    Without a mask, on a fused input, with float32/float64 moving arrays: one compiled
+    function computes the statistics (one read of x), updates the moving averages and
+    normalises (one read, one write), with the reference's arithmetic (the same bits as
+    the separate kernels). Otherwise the same steps through `local_mean_m2` and
+    `normalize`.
+    """
+    geo = fused_geometry(x, reduce_axes)
+    if geo is None or mask is not None or not (_moving_ok(moving_mean, geo)
+                                               and _moving_ok(moving_var, geo)):
+        return _ref.compose_train_forward(local_mean_m2, normalize, x, reduce_axes, mask,
+                                          gamma, beta, epsilon, moving_mean, moving_var,
+                                          momentum)
+    g = _UNUSED if gamma is None else _vec64(gamma, geo)
+    b = _UNUSED if beta is None else _vec64(beta, geo)
+    out = np.empty_like(x)
+    args = (g, b, float(epsilon), gamma is not None, beta is not None,
+            moving_mean.reshape(geo.nch), moving_var.reshape(geo.nch), float(momentum))
+    key = _key("train_forward", geo, x, moving_mean.dtype.char, moving_var.dtype.char)
+    if geo.kind == "rows":
+        count, mean, var = _call(_k.rows_train_forward, key, x.size, x.reshape(geo.shape2),
+                                 geo.rows_per_block, *args, out.reshape(geo.shape2))
+    else:
+        shape3 = (geo.outer, geo.nch, geo.inner)
+        count, mean, var = _call(_k.planes_train_forward, key, x.size, x.reshape(shape3),
+                                 *geo.reduce_blocks, geo.elementwise_args[1], *args,
+                                 out.reshape(shape3))
+    shape = geo.param_shape
+    if len(shape) > 1:
+        count, mean, var = count.reshape(shape), mean.reshape(shape), var.reshape(shape)
+    return out, count, mean, var
+
+
 def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:
     """Local per-channel float64 [Σdy, Σdy·x̂] over ALL positions, in one read of dy and x.
 
@@ -393,6 +434,12 @@ def _channel_vec(v, dtype, geo):
     if v.size != geo.nch:
         v = np.broadcast_to(v, geo.param_shape)
     return np.ascontiguousarray(v, dtype=dtype).reshape(geo.nch)
+
+
+def _moving_ok(v, geo) -> bool:
+    """Whether a moving-statistics array can be updated in place by the kernel."""
+    return (type(v) is np.ndarray and v.dtype in _FLOATS and v.size == geo.nch
+            and v.flags.c_contiguous and v.flags.writeable)
 
 
 def _like(dy, x) -> bool:

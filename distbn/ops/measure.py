@@ -236,10 +236,12 @@ def cold_start(nprocs: int = 2, timeout: float = 900.0) -> dict:
 
 def _machine() -> dict:
     from distbn import ops
+    from distbn.memory import malloc_setting
 
     return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
             "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "backend": ops.backend_info()}
+            "numpy": np.__version__, "backend": ops.backend_info(),
+            "malloc": malloc_setting()}
 
 
 def _cpu_name() -> str:
@@ -263,6 +265,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cold-start", type=int, metavar="N",
                         help="instead: N processes compiling at once from an empty cache")
     args = parser.parse_args(argv)
+    from distbn.memory import retain_freed_memory
+
+    retain_freed_memory()  # as distbn's commands do; DISTBN_MALLOC=default to compare
     if args.cold_start:
         res = cold_start(args.cold_start)
         print(json.dumps(res, indent=1))
