@@ -5,13 +5,18 @@
 
 For each layout and thread count, one run times, taking turns (median over rounds of
 back-to-back calls after two untimed ones):
-`np.copyto` of the input (copy bandwidth), the layer's training forward
+`np.copyto` of the input (copy bandwidth), the active backend's statistics pass
+(`local_mean_m2`) and normalisation pass (`normalize`) alone, the layer's training forward
 (`bn(x, training=True)`: statistics, moving-average update, normalisation, casts), its
 forward+backward (`bn.backward(dy)` too), and `torch.nn.functional.batch_norm`
 forward+backward (autograd, input/weight/bias gradients) on the same data and thread
 count when torch is importable. Ratios come from the same run: `fwdbwd_vs_torch` =
 distbn / torch time; `fwd_copy_fraction` = copy time / forward time, i.e. the forward's
-bandwidth (one read of x, one write of y) as a fraction of the copy's.
+bandwidth (one read of x, one write of y) as a fraction of the copy's;
+`two_pass_copy_fraction` = copy time / (statistics + normalisation): the same fraction
+for the forward's two passes alone, without the layer's bookkeeping.
+
+The process keeps freed memory for reuse (`distbn.memory`), as distbn's commands do.
 
 `measure_layer` is the function a benchmark suite calls; `main` prints a table.
 """
@@ -167,8 +172,15 @@ def measure_layer(shape, axis, threads: int = 1, rounds: int = 15, dtype: str = 
     out = np.empty_like(x)
     layer = distbn.BatchNormalization(axis=axis, dtype=dtype)
     layer(x, training=True)
+    kern = distbn.ops.kernels()
+    red = layer._reduction_axes
+    count, mean, m2 = kern.local_mean_m2(x, red)
+    var = m2 / count
     fns = {
         "copy": lambda: np.copyto(out, x),
+        # The forward's two passes alone: where its time goes.
+        "stats": lambda: kern.local_mean_m2(x, red),
+        "normalize": lambda: kern.normalize(x, mean, var, None, None, layer.epsilon, red),
         "fwd": lambda: layer(x, training=True),
         "fwdbwd": lambda: (layer(x, training=True), layer.backward(dy)),
     }
@@ -180,6 +192,9 @@ def measure_layer(shape, axis, threads: int = 1, rounds: int = 15, dtype: str = 
         "shape": list(shape), "axis": axis, "dtype": dtype, "threads": threads,
         "backend": distbn.ops.backend_name(), "rounds": rounds,
         "copy_s": med["copy"], "fwd_s": med["fwd"], "fwdbwd_s": med["fwdbwd"],
+        "stats_s": med["stats"], "normalize_s": med["normalize"],
+        # What the forward's fraction would be with nothing but its two passes.
+        "two_pass_copy_fraction": med["copy"] / (med["stats"] + med["normalize"]),
         "copy_GBps": 2 * x.nbytes / med["copy"] / 1e9,
         "fwd_GBps": 2 * x.nbytes / med["fwd"] / 1e9,
         "fwd_copy_fraction": med["copy"] / med["fwd"],
@@ -274,7 +289,8 @@ def main(argv=None) -> int:
         return 0 if res["ok"] and res["same_result"] else 1
     records = []
     print(json.dumps(_machine()))
-    header = (f"{'layout':15} {'thr':>3} {'copy GB/s':>9} {'fwd ms':>7} {'fwd/copy':>8} "
+    header = (f"{'layout':15} {'thr':>3} {'copy GB/s':>9} {'stats ms':>8} {'norm ms':>7} "
+              f"{'fwd ms':>7} {'fwd/copy':>8} "
               f"{'fwd+bwd ms':>10} {'torch ms':>8} {'vs torch':>8} {'peak MiB':>8}")
     print(header)
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -283,7 +299,8 @@ def main(argv=None) -> int:
             rec["layout"] = name
             records.append(rec)
             torch_ms = rec.get("torch_fwdbwd_s", float("nan")) * 1e3
-            print(f"{name:15} {threads:3d} {rec['copy_GBps']:9.1f} {rec['fwd_s'] * 1e3:7.2f} "
+            print(f"{name:15} {threads:3d} {rec['copy_GBps']:9.1f} {rec['stats_s'] * 1e3:8.2f} "
+                  f"{rec['normalize_s'] * 1e3:7.2f} {rec['fwd_s'] * 1e3:7.2f} "
                   f"{rec['fwd_copy_fraction']:8.2f} {rec['fwdbwd_s'] * 1e3:10.2f} "
                   f"{torch_ms:8.2f} {rec.get('fwdbwd_vs_torch', float('nan')):8.2f} "
                   f"{rec['peak_extra_bytes'] / 2**20:8.1f}", flush=True)
