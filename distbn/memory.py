@@ -1,19 +1,20 @@
 """Keep freed array memory mapped, so that a training loop reuses it without page faults.
 
 A training step allocates and frees arrays of the same few sizes (each layer's output
-and input gradient). By default glibc's malloc gives the top of its heap back to the
-kernel once more than M_TRIM_THRESHOLD of it is free, and serves large requests with
-fresh `mmap`s; both happen to 16 MiB activations after the process has allocated and
-freed a few large arrays. The next step then faults every page in again and the kernel
-zeroes it: about 1000 page faults per step for two 16 MiB arrays, none with the
-thresholds below (`tests/test_memory.py` counts them). `retain_freed_memory` sets the
-thresholds once, for the whole process:
+and input gradient). By default glibc's malloc serves large requests with fresh `mmap`s
+(always above 32 MiB; from 128 KiB up, until a freed chunk raises the threshold) and
+gives the top of its heap back to the kernel once more than M_TRIM_THRESHOLD of it is
+free. Either way the next step faults every page in again and the kernel zeroes it:
+about 1000 page faults per step for two 16 MiB arrays after the process has allocated
+and freed a few large ones, and for every array above 32 MiB (`tests/test_memory.py`
+counts them). `retain_freed_memory` sets, once, for the whole process:
 
-* M_MMAP_THRESHOLD = 32 MiB, the most glibc accepts on 64-bit: smaller arrays come from
-  the heap (larger ones are still mapped and unmapped each time);
+* M_MMAP_MAX = 0: every allocation comes from the heap, so freed memory is reused;
 * M_TRIM_THRESHOLD = 1 GiB: up to that much freed memory at the top of the heap stays
-  mapped for reuse instead of going back to the kernel.
+  mapped for the next step instead of going back to the kernel.
 
+The price: the process keeps up to 1 GiB more resident than it uses, and memory in the
+middle of the heap is only reused, never returned, until the process ends.
 distbn's commands (`distbn train`, `bench`, `compare`, `python -m distbn.ops.measure`)
 call it; importing distbn does not. `DISTBN_MALLOC=default` keeps glibc's behaviour.
 """
@@ -26,8 +27,7 @@ import os
 __all__ = ["retain_freed_memory", "malloc_setting"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20
+_M_MMAP_MAX = -4
 TRIM_THRESHOLD = 1 << 30
 _CHOICES = ("retain", "default")
 _applied = {"setting": "default"}
@@ -64,9 +64,8 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success; glibc refuses an mmap threshold above its maximum.
-    ok = (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-          and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+    # mallopt returns 1 on success.
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if ok:
         _applied["setting"] = "retain"
     return ok

@@ -11,19 +11,21 @@ import pytest
 
 from distbn import memory
 
-# Two 16 MiB arrays allocated and freed per step, as a layer's output and input gradient
-# are: with glibc's defaults the freed top of the heap goes back to the kernel and every
-# step faults its pages in again.
+# Two arrays allocated and freed per step, as a layer's output and input gradient are:
+# with glibc's defaults the freed top of the heap goes back to the kernel (16 MiB, after
+# the first steps) or the arrays are mapped afresh (48 MiB, above glibc's largest mmap
+# threshold), and every step faults their pages in again.
 _STEPS = textwrap.dedent("""
     import resource, sys
     import numpy as np
     from distbn.memory import retain_freed_memory, malloc_setting
 
     applied = retain_freed_memory()
+    n = int(sys.argv[1]) // 4
 
     def step():
-        y = np.empty(4 << 20, np.float32); y[:] = 1
-        dx = np.empty(4 << 20, np.float32); dx[:] = 2
+        y = np.empty(n, np.float32); y[:] = 1
+        dx = np.empty(n, np.float32); dx[:] = 2
         return float(y[0] + dx[0])
 
     for _ in range(3):
@@ -34,12 +36,13 @@ _STEPS = textwrap.dedent("""
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     print(applied, malloc_setting(), faults / 10)
 """)
+SIZES = [16 << 20, 48 << 20]
 
 
-def _run(setting):
+def _run(setting, nbytes):
     env = dict(os.environ, DISTBN_MALLOC=setting)
-    out = subprocess.run([sys.executable, "-c", _STEPS], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _STEPS, str(nbytes)], env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     applied, name, faults = out.stdout.split()
     return applied == "True", name, float(faults)
@@ -50,17 +53,19 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or
 
 
 @glibc
-def test_retained_memory_is_reused_without_page_faults():
-    applied, name, faults = _run("retain")
+@pytest.mark.parametrize("nbytes", SIZES)
+def test_retained_memory_is_reused_without_page_faults(nbytes):
+    applied, name, faults = _run("retain", nbytes)
     assert applied and name == "retain"
     assert faults == 0
 
 
 @glibc
-def test_default_setting_leaves_glibc_alone():
-    # The control: without the thresholds the same steps fault (1006 pages per step
-    # measured here), so the test above can fail.
-    applied, name, faults = _run("default")
+@pytest.mark.parametrize("nbytes", SIZES)
+def test_default_setting_leaves_glibc_alone(nbytes):
+    # The control: without the settings the same steps fault (about 1000 pages per step
+    # at 16 MiB here), so the test above can fail.
+    applied, name, faults = _run("default", nbytes)
     assert not applied and name == "default"
     assert faults > 100
 
