@@ -325,7 +325,7 @@ class BatchNormalization(Layer):
         """The per-channel shift K of the shifted sums that replicas add up.
 
         K must be identical on every replica: the moving mean, which tracks the batch
-        mean once warmed up; `_batch_moments` repairs the variance when K is too far off.
+        mean once warmed up; `_synchronized_moments` repairs the variance when K is too far off.
         """
         return self.moving_mean.value.astype(np.float64)
 
