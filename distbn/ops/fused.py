@@ -284,10 +284,12 @@ def train_forward(x, reduce_axes, mask, gamma, beta, epsilon, moving_mean, movin
     """One replica's training forward (`distbn.ops.batch_norm.train_forward`), one call.
 
     Without a mask, on a fused input, with float32/float64 moving arrays: one compiled
-    function computes the statistics (one read of x), updates the moving averages and
-    normalises (one read, one write), with the reference's arithmetic (the same bits as
-    the separate kernels). Otherwise the same steps through `local_mean_m2` and
-    `normalize`.
+    function computes the statistics, updates the moving averages and normalises, with
+    the separate kernels' arithmetic (the same bits). Rows (channels last): the
+    statistics pass, then the normalisation pass. Planes (channels first): a few
+    channels at a time, each group normalised while its planes are still in cache, so
+    x is read from memory about once. Otherwise the same steps through `local_mean_m2`
+    and `normalize`.
     """
     geo = fused_geometry(x, reduce_axes)
     if geo is None or mask is not None or not (_moving_ok(moving_mean, geo)
@@ -307,8 +309,7 @@ def train_forward(x, reduce_axes, mask, gamma, beta, epsilon, moving_mean, movin
     else:
         shape3 = (geo.outer, geo.nch, geo.inner)
         count, mean, var = _call(_k.planes_train_forward, key, x.size, x.reshape(shape3),
-                                 *geo.reduce_blocks, geo.elementwise_args[1], *args,
-                                 out.reshape(shape3))
+                                 *geo.reduce_blocks, *args, out.reshape(shape3))
     shape = geo.param_shape
     if len(shape) > 1:
         count, mean, var = count.reshape(shape), mean.reshape(shape), var.reshape(shape)
