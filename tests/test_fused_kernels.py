@@ -211,6 +211,39 @@ def test_train_forward_same_bits_as_its_steps(fused, blocks, shape, red, is_fuse
     np.testing.assert_allclose(moving_mean, want_mean.astype(moving_dtype), rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape,red,is_fused", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", ["gamma", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_train_backward_same_bits_as_its_steps(fused, blocks, shape, red, is_fused, dtype,
+                                               affine, masked):
+    """The one-call backward equals backward_sums then input_grad (the same bits), and
+    agrees with the numpy reference to the dtype's rounding."""
+    x = _data(shape, dtype)
+    dy = _data(shape, dtype, seed=5, loc=0.0, scale=1.0)
+    rng = np.random.default_rng(6)
+    pshape = _param_shape(shape, red)
+    mean = rng.normal(3.0, 0.1, pshape)
+    inv_std = 1.0 / np.sqrt(rng.uniform(3.0, 5.0, pshape))
+    gamma = rng.normal(1.0, 0.3, pshape) if affine == "gamma" else None
+    count = np.full(pshape, x.size / max(1, int(np.prod(pshape))))
+    if masked:
+        mask = _row_mask(shape, red)
+        count = np.broadcast_to(mask, x.shape).sum(axis=red).astype(np.float64)
+    else:
+        mask = None
+    args = (dy, x, mean, inv_std, gamma, count, red, mask)
+    got = fused.train_backward(*args)
+    steps = ref.compose_train_backward(fused.backward_sums, fused.input_grad, *args)
+    want = ref.train_backward(*args)
+    for g, s in zip(got, steps, strict=True):
+        assert g.dtype == s.dtype and g.shape == s.shape
+        np.testing.assert_array_equal(g, s)
+    rtol, scale = _tol(dtype)
+    np.testing.assert_allclose(got[0], want[0], rtol=rtol, atol=scale * x.size)
+    np.testing.assert_allclose(got[1], want[1], rtol=rtol, atol=scale * 10)
+
+
 def test_train_forward_keeps_moving_stats_from_non_finite_batches(fused):
     x = _data((64, 16, 16, 8), np.float32)
     x[3, 4, 5, 2] = np.nan

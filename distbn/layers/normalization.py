@@ -375,21 +375,20 @@ class BatchNormalization(Layer):
         dy = dy.astype(c.compute_dtype, copy=False).astype(c.x.dtype, copy=False)
         red = self._reduction_axes
         inv_std = _ops.inverse_std(c.var, self.epsilon)
-        set_grads = self.trainable and (self.scale or self.center)
         kern = _ops.kernels()  # the active backend: numba's fused kernels or numpy's
-        sums = None
-        if set_grads or c.count is not None:
-            sums = kern.backward_sums(dy, c.x, c.mean, inv_std, red)
-        if set_grads:
-            # Local sums over all positions; copies, since the hook below may reduce in place.
-            if self.scale:
-                self.gamma.grad = sums[1].astype(self.gamma.dtype)
-            if self.center:
-                self.beta.grad = sums[0].astype(self.beta.dtype)
-            self.add_regularization_grads()
-        if c.count is None:
+        if c.count is None:  # inference: the statistics are constants
+            if self.trainable and (self.scale or self.center):
+                self._set_param_grads(kern.backward_sums(dy, c.x, c.mean, inv_std, red))
             dx = kern.input_grad(dy, c.x, c.mean, inv_std, c.gamma, None, None, None, red)
+        elif self._replicas_in_sync == 1:
+            # The local sums are the batch's: sums and dx in one call (one compiled
+            # function for channels-first inputs on the numba backend).
+            sums, dx = kern.train_backward(dy, c.x, c.mean, inv_std, c.gamma, c.count, red,
+                                           c.mask)
+            self._set_param_grads(sums)
         else:
+            sums = kern.backward_sums(dy, c.x, c.mean, inv_std, red)
+            self._set_param_grads(sums)  # local sums: copied before the in-place reduction
             sums = self._reduce_grad_sums(sums)
             dx = kern.input_grad(dy, c.x, c.mean, inv_std, c.gamma, sums[0], sums[1],
                                  c.count, red, c.mask)
@@ -397,6 +396,18 @@ class BatchNormalization(Layer):
         # a non-float input (cast, not differentiable in Keras) gets the compute dtype.
         dx = dx.astype(c.compute_dtype, copy=False)
         return dx.astype(c.input_dtype, copy=False) if c.input_dtype.kind == "f" else dx
+
+    def _set_param_grads(self, sums):
+        """gamma.grad = Σdy·x̂ and beta.grad = Σdy (local sums over all positions, copied
+        into the weights' dtype), plus regularizer gradients; nothing for a frozen layer."""
+        if not self.trainable:
+            return
+        if self.scale:
+            self.gamma.grad = sums[1].astype(self.gamma.dtype)
+        if self.center:
+            self.beta.grad = sums[0].astype(self.beta.dtype)
+        if self.scale or self.center:
+            self.add_regularization_grads()
 
     # --- config ----------------------------------------------------------------------------
     def get_config(self) -> dict:

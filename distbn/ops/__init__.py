@@ -18,6 +18,7 @@ from distbn.ops.batch_norm import (
     pack_moments,
     reduce_axes_for,
     shifted_sums,
+    train_backward,
     train_forward,
     unpack_moments,
     update_moving,
@@ -27,5 +28,5 @@ __all__ = [
     "batch_norm", "backward_sums", "input_grad", "inverse_std", "local_mean_m2",
     "local_moments", "moments_from_sums", "normalize", "pack_moments", "reduce_axes_for",
     "shifted_sums", "unpack_moments", "kernels", "backend_name", "backend_info",
-    "set_backend", "train_forward", "update_moving",
+    "set_backend", "train_backward", "train_forward", "update_moving",
 ]

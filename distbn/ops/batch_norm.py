@@ -15,6 +15,10 @@ Forward, training (the synchronized layer inserts one all-reduce at step 3):
     3. (sync) `buf` summed over replicas
     4. `mean, var = moments_from_sums(*unpack_moments(buf), shift)`
     5. `y = normalize(x, mean, var, gamma, beta, epsilon, reduce_axes)`
+Backward, training, one replica: `sums, dx = train_backward(...)`, which is
+`backward_sums` then `input_grad` with those sums (numba's version runs them in one
+compiled function for channels-first inputs).
+
 Backward, training (one all-reduce at step 2):
     1. `sums = backward_sums(dy, x, mean, inv_std, reduce_axes)`   [Σdy, Σdy·x̂]
        (local: these are also beta's and gamma's gradients)
@@ -38,7 +42,7 @@ import numpy as np
 __all__ = [
     "reduce_axes_for", "local_mean_m2", "shifted_sums", "local_moments", "pack_moments",
     "unpack_moments", "moments_from_sums", "inverse_std", "normalize", "backward_sums",
-    "input_grad", "update_moving", "train_forward",
+    "input_grad", "update_moving", "train_forward", "train_backward",
 ]
 
 _F64 = np.float64
@@ -271,6 +275,30 @@ def compose_train_forward(moments_fn, normalize_fn, x, reduce_axes, mask, gamma,
                               m2 / np.maximum(count, 1.0), momentum)
     y = normalize_fn(x, mean, var, gamma, beta, epsilon, reduce_axes)
     return y, count, mean, var
+
+
+def train_backward(dy, x, mean, inv_std, gamma, count, reduce_axes, mask=None):
+    """One replica's training backward: local sums are the batch's.
+
+    Args:
+        dy, x, mean, inv_std, gamma, count, reduce_axes, mask: as `input_grad` (count
+            not None: training mode).
+
+    Returns:
+        (sums, dx): `backward_sums`' float64 [Σdy, Σdy·x̂] (also beta's and gamma's
+        gradients) and `input_grad`'s dx.
+    """
+    return compose_train_backward(backward_sums, input_grad, dy, x, mean, inv_std, gamma,
+                                  count, reduce_axes, mask)
+
+
+def compose_train_backward(sums_fn, input_grad_fn, dy, x, mean, inv_std, gamma, count,
+                           reduce_axes, mask=None):
+    """`train_backward` from a backend's `backward_sums` and `input_grad`."""
+    sums = sums_fn(dy, x, mean, inv_std, reduce_axes)
+    dx = input_grad_fn(dy, x, mean, inv_std, gamma, sums[0], sums[1], count, reduce_axes,
+                       mask)
+    return sums, dx
 
 
 def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:

@@ -37,7 +37,7 @@ __all__ = [
     "local_mean_m2", "normalize", "backward_sums", "input_grad", "inverse_std",
     "reduce_axes_for", "shifted_sums", "pack_moments", "unpack_moments", "moments_from_sums",
     "local_moments", "compile_seconds", "lock_wait_seconds", "fused_geometry",
-    "update_moving", "train_forward",
+    "update_moving", "train_forward", "train_backward",
 ]
 
 # Channel-array helpers are per-channel and cheap: shared with the reference.
@@ -314,6 +314,27 @@ def train_forward(x, reduce_axes, mask, gamma, beta, epsilon, moving_mean, movin
     if len(shape) > 1:
         count, mean, var = count.reshape(shape), mean.reshape(shape), var.reshape(shape)
     return out, count, mean, var
+
+
+def train_backward(dy, x, mean, inv_std, gamma, count, reduce_axes, mask=None):
+    """One replica's training backward (`distbn.ops.batch_norm.train_backward`).
+
+    Channels first without a mask: one compiled function sums and forms dx channel by
+    channel, each channel's dy and x read again while still in cache (the separate
+    kernels' bits). Otherwise `backward_sums` then `input_grad`.
+    """
+    geo = fused_geometry(x, reduce_axes)
+    if geo is None or geo.kind != "planes" or mask is not None or not _like(dy, x):
+        return _ref.compose_train_backward(backward_sums, input_grad, dy, x, mean, inv_std,
+                                           gamma, count, reduce_axes, mask)
+    shape3 = (geo.outer, geo.nch, geo.inner)
+    dx = np.empty_like(x)
+    key = _key("train_backward", geo, x, dy.flags.writeable)
+    sums = _call(_k.planes_train_backward, key, x.size, dy.reshape(shape3), x.reshape(shape3),
+                 _vec64(mean, geo), _vec64(inv_std, geo),
+                 _UNUSED if gamma is None else _vec64(gamma, geo), gamma is not None,
+                 _vec64(count, geo), geo.reduce_blocks[0], dx.reshape(shape3))
+    return sums.reshape((2,) + geo.param_shape), dx
 
 
 def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:
