@@ -513,6 +513,18 @@ def rows_grad_sums(dy2, x2, mean, rows_per_block):
     return out
 
 
+@njit(inline="always")
+def _plane_grad_row(dy3, x3, o, c, mu):
+    """Σdy and Σdy·(x−mu) over the contiguous row (o, c, :), in float64."""
+    t1 = 0.0
+    t2 = 0.0
+    for i in range(x3.shape[2]):
+        g = np.float64(dy3[o, c, i])
+        t1 += g
+        t2 += g * (np.float64(x3[o, c, i]) - mu)
+    return t1, t2
+
+
 @njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
 def planes_grad_sums(dy3, x3, mean, outer_per_block, chan_per_block):
     """Per-channel float64 [Σdy, Σdy·(x−mean)] over all positions of (O, C, I) arrays.
@@ -526,7 +538,7 @@ def planes_grad_sums(dy3, x3, mean, outer_per_block, chan_per_block):
     Returns:
         float64 (2, C).
     """
-    nout, nch, inner = x3.shape
+    nout, nch, _ = x3.shape
     nob = (nout + outer_per_block - 1) // outer_per_block
     ncb = (nch + chan_per_block - 1) // chan_per_block
     part = np.zeros((2, nob, nch))
@@ -536,13 +548,7 @@ def planes_grad_sums(dy3, x3, mean, outer_per_block, chan_per_block):
         c1 = min(nch, c0 + chan_per_block)
         for o in range(ob * outer_per_block, min(nout, (ob + 1) * outer_per_block)):
             for c in range(c0, c1):
-                mu = mean[c]
-                t1 = 0.0
-                t2 = 0.0
-                for i in range(inner):
-                    g = np.float64(dy3[o, c, i])
-                    t1 += g
-                    t2 += g * (np.float64(x3[o, c, i]) - mu)
+                t1, t2 = _plane_grad_row(dy3, x3, o, c, mean[c])
                 part[0, ob, c] += t1
                 part[1, ob, c] += t2
     out = np.zeros((2, nch))
@@ -790,17 +796,12 @@ def planes_train_forward(x3, outer_per_block, chan_per_block, gamma, beta, epsil
 @njit(cache=True, fastmath=_REDUCE_MATH)
 def _plane_grad_part(dy3, x3, c, mu, outer_per_block):
     """`planes_grad_sums`' per-block [Σdy, Σdy·(x−mu)] of channel c: shape (2, blocks)."""
-    nout, _, inner = x3.shape
+    nout = x3.shape[0]
     nob = (nout + outer_per_block - 1) // outer_per_block
     part = np.zeros((2, nob))
     for ob in range(nob):
         for o in range(ob * outer_per_block, min(nout, (ob + 1) * outer_per_block)):
-            t1 = 0.0
-            t2 = 0.0
-            for i in range(inner):
-                g = np.float64(dy3[o, c, i])
-                t1 += g
-                t2 += g * (np.float64(x3[o, c, i]) - mu)
+            t1, t2 = _plane_grad_row(dy3, x3, o, c, mu)
             part[0, ob] += t1
             part[1, ob] += t2
     return part
