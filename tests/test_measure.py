@@ -24,9 +24,15 @@ def test_measure_layer_record(shape, axis):
 
 
 def test_main_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
+    import distbn.memory
+
     monkeypatch.setattr(measure, "LAYOUTS", (("tiny", (4, 3, 3, 8), -1),))
+    # The tool keeps freed memory for the whole process: not for the test process.
+    calls = []
+    monkeypatch.setattr(distbn.memory, "retain_freed_memory", lambda: calls.append(1))
     out = tmp_path / "m.json"
     assert measure.main(["--threads", "1", "--rounds", "1", "--json", str(out)]) == 0
+    assert calls == [1]
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:4] == ["layout", "thr", "copy", "GB/s"]
     assert lines[2].split()[:2] == ["tiny", "1"]
