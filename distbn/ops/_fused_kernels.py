@@ -342,7 +342,7 @@ def _normalize_coefficients(mean, var, gamma, beta, epsilon, use_gamma, use_beta
     return scale, offset
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def rows_normalize(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out,
                    rows_per_block):
     """`out = γ(x − mean)/√(var + ε) + β` per channel of (R, C) rows, one pass.
@@ -357,45 +357,16 @@ def rows_normalize(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out
     """
     scale, offset = _normalize_coefficients(mean, var, gamma, beta, epsilon, use_gamma,
                                             use_beta, x2.dtype)
-    nrow, nch = x2.shape
-    flat = x2.reshape(x2.size)
-    oflat = out.reshape(out.size)
-    ahead = _PF_BYTES // x2.itemsize
-    pf = _prefetch_pays(x2.itemsize * nch)
-    nrb = (nrow + rows_per_block - 1) // rows_per_block
-    for it in prange(nrb):
-        rb = nrb - 1 - it  # last block first: the end of x may still be in cache
-        for r in range(rb * rows_per_block, min(nrow, (rb + 1) * rows_per_block)):
-            if pf:
-                _prefetch_span(flat, r * nch + ahead, (r + 1) * nch + ahead)
-                _prefetch_w_span(oflat, r * nch + ahead, (r + 1) * nch + ahead)
-            for c in range(nch):
-                out[r, c] = x2[r, c] * scale[c] + offset[c]
+    rows_affine(x2, scale, offset, out, rows_per_block)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def planes_normalize(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out, nch,
                      rows_per_block):
     """`rows_normalize` for (O*C, I) rows whose channel is `row % nch`."""
     scale, offset = _normalize_coefficients(mean, var, gamma, beta, epsilon, use_gamma,
                                             use_beta, x2.dtype)
-    nrow, inner = x2.shape
-    flat = x2.reshape(x2.size)
-    oflat = out.reshape(out.size)
-    ahead = _PF_BYTES // x2.itemsize
-    pf = _prefetch_pays(x2.itemsize * inner)
-    nrb = (nrow + rows_per_block - 1) // rows_per_block
-    for it in prange(nrb):
-        rb = nrb - 1 - it  # last block first: the end of x may still be in cache
-        for r in range(rb * rows_per_block, min(nrow, (rb + 1) * rows_per_block)):
-            if pf:
-                _prefetch_span(flat, r * inner + ahead, (r + 1) * inner + ahead)
-                _prefetch_w_span(oflat, r * inner + ahead, (r + 1) * inner + ahead)
-            c = r % nch
-            s = scale[c]
-            f = offset[c]
-            for i in range(inner):
-                out[r, i] = x2[r, i] * s + f
+    planes_affine(x2, scale, offset, out, nch, rows_per_block)
 
 
 @njit(parallel=True, cache=True)
