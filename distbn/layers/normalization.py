@@ -15,18 +15,6 @@ from distbn.layers.base import Layer
 
 __all__ = ["BatchNormalization"]
 
-# Above this (mean - shift)² / (var + epsilon), the shifted float64 sums lose more than
-# about 1e-10 of the accuracy of var + epsilon, which is what the output depends on (the
-# loss is ~2^-53 times the ratio). Counting epsilon keeps constant channels (var = 0)
-# from triggering the corrective pass at every step.
-_CONDITION_LIMIT = 1e6
-
-
-def _ill_conditioned(count, offset, var, epsilon) -> bool:
-    """Whether any channel's shifted variance may have lost accuracy to cancellation."""
-    seen = count > 0
-    return bool(np.any(seen & (np.square(offset) > _CONDITION_LIMIT * (var + epsilon))))
-
 # tf.keras 2 config keys that Keras 3 dropped: accepted by from_config while they ask
 # for nothing distbn lacks.
 _LEGACY_KEYS = ("fused", "virtual_batch_size", "adjustment")
@@ -262,7 +250,8 @@ class BatchNormalization(Layer):
                 x, red, mask, gamma, beta, self.epsilon, self.moving_mean.value,
                 self.moving_variance.value, self.momentum)
         else:
-            mean, var, count = self._synchronized_moments(x, mask)
+            mean, var, count = _ops.synchronized_moments(
+                x, red, mask, self._stats_shift(), self.epsilon, self._reduce_stats)
             mean, var = _ops.update_moving(self.moving_mean.value, self.moving_variance.value,
                                            count, mean, var, self.momentum)
             y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
@@ -297,24 +286,6 @@ class BatchNormalization(Layer):
             raise ValueError(f"The mask must be boolean or numeric, got dtype {mask.dtype}")
         return (mask if mask.dtype == bool else mask != 0).reshape(expanded)
 
-    def _synchronized_moments(self, x, mask):
-        """Batch (mean, var, count) per channel over the sync group: shifted sums, summed
-        in one packed buffer [S1, S2, n]."""
-        count, local_mean, m2 = _ops.kernels().local_mean_m2(x, self._reduction_axes, mask)
-        shift = self._stats_shift()
-        s1, s2 = _ops.shifted_sums(count, local_mean, m2, shift)
-        buf = self._reduce_stats(_ops.pack_moments(count, s1, s2))
-        total, s1, s2 = _ops.unpack_moments(buf)
-        mean, var = _ops.moments_from_sums(total, s1, s2, shift)
-        if _ill_conditioned(total, mean - shift, var, self.epsilon):
-            # S2/N - (S1/N)² cancels when the shift is far from the mean, relative to the
-            # spread (a fresh moving mean and uncentred data). Every rank sees the same
-            # global sums, so every rank takes this branch together: one more all-reduce
-            # of the exact centred sums M2_r + n_r (mean_r - mean)² fixes the variance.
-            centred = m2 + count * np.square(local_mean - mean)
-            var = self._reduce_stats(np.ascontiguousarray(centred)) / np.maximum(total, 1.0)
-        return mean, var, total
-
     # --- synchronized statistics ----------------------------------------------------------
     @property
     def _replicas_in_sync(self) -> int:
@@ -325,7 +296,7 @@ class BatchNormalization(Layer):
         """The per-channel shift K of the shifted sums that replicas add up.
 
         K must be identical on every replica: the moving mean, which tracks the batch
-        mean once warmed up; `_synchronized_moments` repairs the variance when K is too far off.
+        mean once warmed up; `ops.synchronized_moments` repairs the variance when K is too far off.
         """
         return self.moving_mean.value.astype(np.float64)
 
@@ -387,11 +358,10 @@ class BatchNormalization(Layer):
                                            c.mask)
             self._set_param_grads(sums)
         else:
-            sums = kern.backward_sums(dy, c.x, c.mean, inv_std, red)
-            self._set_param_grads(sums)  # local sums: copied before the in-place reduction
-            sums = self._reduce_grad_sums(sums)
-            dx = kern.input_grad(dy, c.x, c.mean, inv_std, c.gamma, sums[0], sums[1],
-                                 c.count, red, c.mask)
+            sums, dx = _ops.synchronized_backward(dy, c.x, c.mean, inv_std, c.gamma,
+                                                  c.count, red, c.mask,
+                                                  self._reduce_grad_sums)
+            self._set_param_grads(sums)
         # Back through the input casts (input -> compute dtype -> work dtype), as Keras;
         # a non-float input (cast, not differentiable in Keras) gets the compute dtype.
         dx = dx.astype(c.compute_dtype, copy=False)

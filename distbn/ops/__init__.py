@@ -7,6 +7,7 @@ the optional numba kernels with the same functions. `kernels()` returns the acti
 
 from distbn.ops import batch_norm
 from distbn.ops.backend import backend_info, backend_name, kernels, set_backend
+from distbn.ops.sync import ill_conditioned, synchronized_backward, synchronized_moments
 from distbn.ops.batch_norm import (
     backward_sums,
     input_grad,
@@ -29,4 +30,5 @@ __all__ = [
     "local_moments", "moments_from_sums", "normalize", "pack_moments", "reduce_axes_for",
     "shifted_sums", "unpack_moments", "kernels", "backend_name", "backend_info",
     "set_backend", "train_backward", "train_forward", "update_moving",
+    "ill_conditioned", "synchronized_backward", "synchronized_moments",
 ]
