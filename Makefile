@@ -13,7 +13,10 @@ $(BIN)/python:
 # Reinstall only when the package metadata changes (editable install: code changes need nothing).
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[mpich,test,progress,fast]"
+	# torch pinned first: the CPU build this machine keeps on disk (a bare range would pull
+	# a CUDA build of several GB); the extras' ranges then accept it.
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[mpich,test,progress,plot,torch,keras]"
 	touch $(STAMP)
 
 install: $(STAMP)
