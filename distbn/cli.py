@@ -15,29 +15,33 @@ __all__ = ["main"]
 # Commands that run many steps over large arrays: they keep freed memory for reuse
 # (distbn/memory.py; DISTBN_MALLOC=default turns this off).
 _LONG_RUNNING = ("train", "bench", "compare")
+# `distbn launch` tells the ranks the command the user typed (for the resume hint).
+COMMAND_ENV = "DISTBN_COMMAND"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import json
 
-    from mpi4py import MPI
-
     from distbn.info import environment, format_info
 
-    env = environment(MPI.COMM_WORLD)
-    if MPI.COMM_WORLD.rank == 0:  # rank 0 owns output; the others only contribute their host/pid
+    env = environment()
+    if env["ranks"][0]["pid"] == os.getpid() or env["mpi_standard"] is None:
+        # rank 0 owns output; the others only contribute their host/pid
         print(json.dumps(env, indent=2) if args.json else format_info(env), flush=True)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from distbn.distribute import get_strategy
-    from distbn.train import trainer
+    from distbn.train import command
 
     world = get_strategy()
+    # The user's command line, for the resume hint: `distbn launch` passes its own.
+    typed = os.environ.get(COMMAND_ENV) or shlex.join(["distbn", "train", *_train_argv(args)])
     try:
-        code = trainer.run(args.config, overrides=args.set or (), run_dir=args.run_dir,
-                           verbose=args.verbose, strategy=world)
+        code = command.run(args.config, overrides=args.set or (), run_dir=args.run_dir,
+                           verbose=args.verbose, strategy=world, overwrite=args.overwrite,
+                           command=typed)
     except KeyboardInterrupt:
         if world.num_replicas_in_sync > 1:
             raise  # the abort hook ends every rank
@@ -59,6 +63,8 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--run-dir", args.run_dir]
     if args.verbose:
         argv.append("--verbose")
+    if args.overwrite:
+        argv.append("--overwrite")
     return argv
 
 
@@ -85,6 +91,10 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             env.setdefault(TTY_ENV, "1")  # the ranks' progress bar still reaches a terminal
     except (AttributeError, ValueError):
         pass
+    typed = ["distbn", "launch", "-n", str(args.n)]
+    for flag, value in (("--hostfile", args.hostfile), ("--mpiexec", args.mpiexec)):
+        typed += [flag, value] if value is not None else []
+    env[COMMAND_ENV] = shlex.join([*typed, *_train_argv(args)])
     print(f"distbn launch: {shlex.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, env=env)
     with _forward_stop_signals(proc):
@@ -137,6 +147,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "(default runs/<config stem>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--verbose", action="store_true",
                    help="every rank prints its progress lines; rank 0 prints the model summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in --run-dir (its config.yaml, metrics.jsonl, "
+                        "model.npz and checkpoints); without it, a directory that holds "
+                        "another run is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:

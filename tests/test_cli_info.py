@@ -1,5 +1,6 @@
 """`distbn info` as a user runs it: one process and under mpiexec."""
 
+import os
 import subprocess
 import sys
 
@@ -22,3 +23,25 @@ def test_info_two_ranks_printed_once():
     assert run.returncode == 0, run.failure_report()
     assert run.output.count("world size   2") == 1
     assert "rank   0" in run.output and "rank   1" in run.output
+
+
+def test_info_names_the_mpi_library_file():
+    out = subprocess.run([sys.executable, "-m", "distbn", "info"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.strip().startswith("file:"))
+    assert "libmpi" in line
+
+
+def test_info_without_a_loadable_mpi_still_reports_the_rest():
+    """Installed without MPI (here: MPI4PY_LIBMPI pointing nowhere), `distbn info` used to
+    print a 33-line traceback."""
+    env = dict(os.environ, MPI4PY_LIBMPI="/nonexistent/libmpi.so.12")
+    out = subprocess.run([sys.executable, "-m", "distbn", "info"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert "numpy" in out.stdout and "BN kernels" in out.stdout
+    assert "MPI library  not loadable (" in out.stdout and "/nonexistent/libmpi" in out.stdout
+    assert "MPI4PY_LIBMPI" in out.stdout and "module load" in out.stdout
+    assert "world size   1" in out.stdout

@@ -108,7 +108,7 @@ def test_launch_two_ranks_trains(tmp_path, tiny):
 FAIL_ON_LAST_RANK = """
 import sys
 from distbn.distribute import get_strategy
-from distbn.train import trainer
+from distbn.train import command, trainer
 
 world = get_strategy()
 step = trainer.Trainer.train_step
@@ -119,7 +119,7 @@ def failing_step(self):
     return step(self)
 
 trainer.Trainer.train_step = failing_step
-sys.exit(trainer.run({config!r}, run_dir={out!r}, strategy=world))
+sys.exit(command.run({config!r}, run_dir={out!r}, strategy=world))
 """
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from distbn import LocalStrategy
-from distbn.train import builder, trainer
+from distbn.train import builder, command, trainer
 from distbn.train.buckets import Buckets, GradientAllReduce
 from distbn.train.config import ConfigError, config_hash, load_config, parse_config
 from distbn.train.rundir import check_run_dir, default_run_dir
@@ -48,7 +48,7 @@ def write(tmp_path, text, name="cfg.yaml"):
 
 def run_quiet(*args, **kwargs):
     out, err = io.StringIO(), io.StringIO()
-    code = trainer.run(*args, out=out, err=err, strategy=LocalStrategy(), **kwargs)
+    code = command.run(*args, out=out, err=err, strategy=LocalStrategy(), **kwargs)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -242,14 +242,71 @@ def test_default_run_dir(tmp_path):
     assert check_run_dir(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
 
 
-def test_rerun_replaces_a_previous_run(tmp_path):
+def _snapshot(run_dir):
+    """{relative path: bytes} of every file under a run directory."""
+    return {str(p.relative_to(run_dir)): p.read_bytes()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_identical_rerun_replaces_a_previous_run(tmp_path):
     cfg = write(tmp_path, TINY)
     run_dir = tmp_path / "out"
     assert run_quiet(cfg, run_dir=str(run_dir))[0] == 0
-    code, _, err = run_quiet(cfg, ["train.steps=2"], run_dir=str(run_dir))
+    code, _, err = run_quiet(cfg, run_dir=str(run_dir))
+    assert code == 0 and "replaced config.yaml, metrics.jsonl, model.npz" in err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+    assert steps == [3, 6, 7, 7]  # this run's records only
+
+
+def test_another_config_into_a_used_run_dir_is_refused_and_writes_nothing(tmp_path):
+    cfg = write(tmp_path, TINY)
+    run_dir = tmp_path / "out"
+    assert run_quiet(cfg, run_dir=str(run_dir))[0] == 0
+    before = _snapshot(run_dir)
+    code, out, err = run_quiet(cfg, ["train.steps=2"], run_dir=str(run_dir))
+    assert code == 2 and out == ""
+    assert "holds another run (config.yaml, metrics.jsonl, model.npz)" in err
+    assert "train.steps (7 -> 2)" in err and "--overwrite" in err
+    assert _snapshot(run_dir) == before
+    code, _, err = run_quiet(cfg, ["train.steps=2"], run_dir=str(run_dir), overwrite=True)
     assert code == 0 and "replaced config.yaml, metrics.jsonl, model.npz" in err
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
     assert steps == [2, 2]  # the train record and the evaluation of this run only
+
+
+def test_another_model_into_a_run_dir_with_checkpoints_is_refused_and_writes_nothing(
+        tmp_path):
+    """The new-user report: a second model into a used directory replaced config.yaml,
+    deleted model.npz, then failed with exit 2 on the checkpoint."""
+    cfg = write(tmp_path, TINY)
+    run_dir = tmp_path / "out"
+    every = ["checkpoint.every_steps=3"]
+    assert run_quiet(cfg, every, run_dir=str(run_dir))[0] == 0
+    before = _snapshot(run_dir)
+    assert any(k.startswith("checkpoints/") for k in before)
+    code, out, err = run_quiet(cfg, [*every, "model.layers.0.filters=5"], run_dir=str(run_dir))
+    assert code == 2 and out == ""
+    assert "holds another run" in err and "checkpoints at steps 3, 6, 7" in err
+    assert "model.layers.0.filters (4 -> 5)" in err
+    assert "does not fit this model" in err and "conv2d/kernel" in err
+    assert "Nothing was changed" in err and "--overwrite" in err
+    assert _snapshot(run_dir) == before
+    code, _, err = run_quiet(cfg, [*every, "model.layers.0.filters=5"], run_dir=str(run_dir),
+                             overwrite=True)
+    assert code == 0 and "checkpoints/" in err
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["layers"][0]["filters"] == 5
+
+
+def test_resume_of_the_same_run_with_more_steps(tmp_path):
+    cfg = write(tmp_path, TINY)
+    run_dir = tmp_path / "out"
+    every = ["checkpoint.every_steps=3", "train.steps=6"]
+    assert run_quiet(cfg, every, run_dir=str(run_dir))[0] == 0
+    code, out, err = run_quiet(cfg, ["checkpoint.every_steps=3", "train.steps=7"],
+                               run_dir=str(run_dir))
+    assert code == 0, err
+    assert "resumed from step 6" in out and "train.steps (6 -> 7)" in err
 
 
 class _TwoRankView(LocalStrategy):
@@ -267,7 +324,7 @@ class _TwoRankView(LocalStrategy):
 def test_config_hash_mismatch_names_the_ranks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     err = io.StringIO()
-    code = trainer.run(write(tmp_path, TINY), strategy=_TwoRankView(), err=err,
+    code = command.run(write(tmp_path, TINY), strategy=_TwoRankView(), err=err,
                        out=io.StringIO())
     assert code == 2
     text = err.getvalue()

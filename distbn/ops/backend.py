@@ -97,7 +97,7 @@ def _load_numba(explicit: bool):
             raise RuntimeError(
                 f"{ENV_VAR}='numba' asks for the fused kernels, but numba cannot be "
                 f"imported ({type(exc).__name__}: {exc}); install it with "
-                "`pip install 'distbn[fast]'` or set DISTBN_KERNELS=numpy"
+                "`pip install numba` (a dependency of distbn) or set DISTBN_KERNELS=numpy"
             ) from exc
         return None, f"numba not importable ({type(exc).__name__}: {exc})"
     threads = default_threads(numba_max=numba.config.NUMBA_NUM_THREADS)

@@ -12,14 +12,18 @@ bad `--run-dir` is a usage error (exit 2) that leaves the file system as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import numpy as np
+import yaml
 
+from distbn.train.checkpoint import checkpoint_dir, list_checkpoints
 from distbn.train.config import config_to_yaml
 
 __all__ = [
@@ -30,6 +34,9 @@ __all__ = [
     "default_run_dir",
     "check_run_dir",
     "RunDir",
+    "PreviousRun",
+    "previous_run",
+    "clear_previous_run",
     "json_safe",
 ]
 
@@ -101,6 +108,104 @@ def check_run_dir(path) -> str:
         raise RunDirError(f"run directory {path!r} cannot be created: {parent!r} is not "
                           "writable")
     return path
+
+
+# A run is its seed, data and model: a config.yaml that changes one of them belongs to
+# another run. The other sections may change when a run is resumed (more steps, a new
+# learning rate, other logging).
+_IDENTITY_SECTIONS = ("seed", "data", "model")
+
+
+def _flatten(value, prefix="") -> dict:
+    """{"a.b.0.c": leaf} of nested dicts and lists."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat or {prefix: value}
+
+
+@dataclasses.dataclass
+class PreviousRun:
+    """What a run directory already holds (see `previous_run`)."""
+
+    files: list            # run files present: config.yaml, metrics.jsonl, model.npz
+    checkpoints: list      # step numbers of the checkpoint directories
+    changes: dict          # flat key -> (old, new) where its config.yaml differs
+    unknown: bool          # run files, but no readable config.yaml
+
+    @property
+    def identity_changes(self) -> dict:
+        """The changes in seed, data or model: these make it another run."""
+        return {k: v for k, v in self.changes.items()
+                if k.split(".")[0] in _IDENTITY_SECTIONS}
+
+    def contents(self) -> str:
+        """"config.yaml, model.npz, checkpoints at steps 6, 12" and the like."""
+        parts = list(self.files)
+        if self.checkpoints:
+            steps = ", ".join(str(s) for s in self.checkpoints[-3:])
+            more = f"{len(self.checkpoints) - 3} more and " if len(self.checkpoints) > 3 else ""
+            parts.append(f"checkpoints at steps {more}{steps}")
+        return ", ".join(parts)
+
+    @staticmethod
+    def describe(changes: dict, limit: int = 4) -> str:
+        """"model.layers.0.filters (16 -> 8), ..." for the first `limit` changes."""
+        shown = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(changes.items())[:limit]]
+        if len(changes) > limit:
+            shown.append(f"and {len(changes) - limit} more")
+        return ", ".join(shown)
+
+
+def previous_run(path, config) -> PreviousRun | None:
+    """What `path` holds of an earlier run, compared with `config`; None if nothing.
+
+    Reads only: config.yaml (parsed as YAML, compared key by key with the resolved
+    `config`), the names of the run files and of the checkpoint directories.
+    """
+    full = os.fspath(path)
+    if not os.path.isdir(full):
+        return None
+    files = [n for n in _RUN_FILES if os.path.isfile(os.path.join(full, n))]
+    steps = [int(p.name.split("-")[1]) for p in list_checkpoints(full)]
+    if not files and not steps:
+        return None
+    changes, unknown = {}, False
+    try:
+        with open(os.path.join(full, CONFIG_FILE), encoding="utf-8") as fh:
+            old = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        old = None
+    if isinstance(old, dict):
+        before = _flatten(old)
+        after = _flatten(yaml.safe_load(config_to_yaml(config)))
+        changes = {k: (before.get(k), after.get(k)) for k in list(before) + list(after)
+                   if before.get(k) != after.get(k)}
+    else:
+        unknown = True
+    return PreviousRun(files, steps, changes, unknown)
+
+
+def clear_previous_run(path) -> list[str]:
+    """Remove a previous run's files from `path` (--overwrite): config.yaml,
+    metrics.jsonl, model.npz and checkpoints/; nothing else. Returns what it removed."""
+    removed = []
+    for name in _RUN_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            os.remove(file)
+            removed.append(name)
+    ckpts = checkpoint_dir(path)
+    if ckpts.is_dir():
+        shutil.rmtree(ckpts)
+        removed.append("checkpoints/")
+    return removed
 
 
 def json_safe(value):

@@ -9,9 +9,7 @@ mean loss; synchronized BatchNormalization makes the forward pass match too. Wei
 start identical (seeded build, then rank 0's broadcast), so every rank applies the same
 update. Regularization gradients are added on rank 0 only, so the sum has them once.
 
-`Trainer` is the object; `run` is what `distbn train` calls: it makes every decision
-that could end the run before training (config, run directory, model) collectively, so
-a bad config exits 2 on every rank at once with the error printed once, by rank 0.
+`Trainer` is the object; `distbn.train.command.run` is what `distbn train` calls.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import hashlib
 import math
 import sys
 import time
-import traceback
 
 import numpy as np
 
@@ -31,21 +28,15 @@ from distbn.faults import maybe_fail
 from distbn.train import builder
 from distbn.train import checkpoint as ckpt
 from distbn.train.buckets import GradientAllReduce, broadcast_weights
-from distbn.train.config import ConfigError, config_hash, load_config
-from distbn.train.data import BatchSchedule, DataError, shard_slice
+from distbn.train.config import config_hash
+from distbn.train.data import BatchSchedule, shard_slice
 from distbn.train.losses import accuracy as _count_correct
 from distbn.train.optimizers import clip_gradients
-from distbn.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
+from distbn.train.preemption import Preempted
 from distbn.train.progress import make_progress
-from distbn.train.rundir import MODEL_FILE, RunDir, RunDirError, check_run_dir, default_run_dir
+from distbn.train.rundir import MODEL_FILE, RunDir
 
-__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_PREEMPTED", "TrainingError",
-           "Trainer", "run"]
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2  # usage or config error: nothing was trained or written
-EXIT_PREEMPTED = PREEMPTED_EXIT_CODE  # a signal asked to stop; a checkpoint was written
+__all__ = ["TrainingError", "Trainer"]
 
 
 class TrainingError(RuntimeError):
@@ -557,6 +548,28 @@ class Trainer:
         return str(ckpt.save_checkpoint(self.run_dir_path, self.step, groups, manifest,
                                         keep=self.config.checkpoint.keep))
 
+    def checkpoint_problem(self, found) -> str | None:
+        """Whether a checkpoint fits this model and optimizer (local, loads nothing).
+
+        Used before the run directory is touched, so a misfit leaves it as it was.
+
+        Returns:
+            None when it fits, else a message naming the checkpoint and the tensor.
+        """
+        path, _, groups = found
+        # Building the slots is local and idempotent (zeros; `_start` builds the same).
+        self.optimizer.build(self.model.trainable_weights)
+        before = (self.model.get_weight_dict(), self.optimizer.get_state())
+        try:
+            self.model.set_weight_dict(groups["weights"])
+            self.optimizer.set_state(groups["optimizer"])
+        except (KeyError, ValueError) as exc:
+            return f"checkpoint {path} does not fit this model: {exc}"
+        finally:
+            self.model.set_weight_dict(before[0])
+            self.optimizer.set_state(before[1])
+        return None
+
     def restore(self, found) -> None:
         """Load a checkpoint found by rank 0 into every replica (collective).
 
@@ -582,10 +595,8 @@ class Trainer:
                 self.optimizer.set_state(before[1])
                 problem = f"checkpoint {path} does not fit this model: {exc}"
             else:
-                if meta.get("config_hash") != config_hash(self.config):
-                    print(f"[rank 0] warning: checkpoint {path} was written with another "
-                          "config (different --set options or file); resuming anyway",
-                          file=sys.stderr, flush=True)
+                # Changed settings were listed when the directory was checked
+                # (command._take_over), from config.yaml.
                 info = {"step": int(meta["step"]), "world_size": int(meta["world_size"]),
                         "rng_state": meta.get("rng_state"),
                         "progress": groups.get("progress", {}),
@@ -696,170 +707,3 @@ class Trainer:
                     f"{num(s['test_accuracy'], '.4f')} ({s['test_samples']} samples)")
         if s["model_file"]:
             self._print(f"wrote {s['run_dir']}/{{config.yaml, metrics.jsonl, {MODEL_FILE}}}")
-
-
-# --------------------------------------------------------------------------------------
-# `distbn train`: collective decisions around the Trainer
-
-
-def _agree(world, problem, name) -> list:
-    """Allgather this rank's `(code, message)` problem (None if fine); the list of all."""
-    return world.allgather_object(problem, name=name)
-
-
-def _report(world, problems, err) -> int:
-    """Print the problems once (rank 0) and return the exit code every rank uses."""
-    failing = [(r, p) for r, p in enumerate(problems) if p is not None]
-    if not failing:
-        return EXIT_OK
-    code = EXIT_USAGE if all(p[0] == EXIT_USAGE for _, p in failing) else EXIT_FAILURE
-    if world.replica_id == 0:
-        messages = [p[1] for _, p in failing]
-        if len(failing) == len(problems) and len(set(messages)) == 1:
-            text = messages[0]  # the usual case: every rank hit the same problem
-        else:
-            text = "\n".join(f"[rank {r}] {p[1]}" for r, p in failing)
-        print(f"distbn train: error: {text}", file=err or sys.stderr, flush=True)
-    return code
-
-
-def _check_hashes(digests) -> tuple | None:
-    if len(set(digests)) == 1:
-        return None
-    groups: dict = {}
-    for r, d in enumerate(digests):
-        groups.setdefault(d, []).append(r)
-    parts = [f"rank(s) {', '.join(map(str, ranks))}: sha256 {d[:12]}"
-             for d, ranks in groups.items()]
-    return (EXIT_USAGE, "the ranks hold different resolved configs (" + "; ".join(parts)
-            + "); every rank must read the same file with the same --set options")
-
-
-def _check_sync_group(config, size) -> tuple | None:
-    k = config.strategy.sync_group
-    if isinstance(k, int) and size % k:
-        divisors = [d for d in range(1, size + 1) if size % d == 0]
-        return (EXIT_USAGE, f"{config.source}: strategy.sync_group: must divide the number "
-                            f"of ranks ({size}), got {k} (valid: {divisors}, null or 'node')")
-    return None
-
-
-def _training_strategy(world, config):
-    """The strategy BN layers synchronize over: the world's, or one with the sync group."""
-    k = config.strategy.sync_group
-    if world.num_replicas_in_sync == 1 or k is None:
-        return world
-    from distbn.distribute import MPIStrategy
-
-    return MPIStrategy(comm=world.comm, sync_group=k,
-                       stall_timeout=config.strategy.stall_timeout)
-
-
-def run(config_path, overrides=(), run_dir=None, verbose=False, strategy=None, out=None,
-        err=None) -> int:
-    """`distbn train`: load, check, build and train, with collective decisions.
-
-    Every rank loads the config and builds the model; the outcomes are allgathered, so
-    a problem ends every rank together with the same exit code, printed once by rank 0.
-    Failures during training that are not collective raise, and under MPI the abort
-    hook (installed by MPIStrategy) ends the whole job.
-
-    Args:
-        config_path: the YAML config.
-        overrides: "KEY.PATH=VALUE" strings (`--set`).
-        run_dir: the run directory; default `runs/<config stem>-<timestamp>`, chosen by
-            rank 0 and shared.
-        verbose: other ranks print progress lines; rank 0 prints the model summary.
-        strategy: the world strategy (default `get_strategy()`).
-        out, err: streams for progress/summary and for errors (default stdout/stderr).
-
-    Returns:
-        0 done, 2 usage or config error (nothing trained or written), 1 failure.
-    """
-    world = strategy if strategy is not None else get_strategy()
-    rank, size = world.replica_id, world.num_replicas_in_sync
-
-    # 1. The config and, on rank 0, the run directory: checked before anything is written.
-    config, problem, path = None, None, None
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as exc:
-        problem = (EXIT_USAGE, str(exc))
-    if config is not None and rank == 0:
-        try:
-            path = check_run_dir(run_dir if run_dir is not None
-                                 else default_run_dir(config_path))
-        except RunDirError as exc:
-            problem = (EXIT_USAGE, str(exc))
-    digest = None if config is None else config_hash(config)
-    gathered = world.allgather_object((problem, digest, path), name="train.config")
-    code = _report(world, [g[0] for g in gathered], err)
-    if code:
-        return code
-    problem = _check_hashes([g[1] for g in gathered]) or _check_sync_group(config, size)
-    if _report(world, [problem] * size, err):  # identical on every rank: no message
-        return EXIT_USAGE
-    path = gathered[0][2]
-    if config.strategy.stall_timeout is not None:  # same config everywhere: collective
-        world.set_stall_timeout(config.strategy.stall_timeout)
-
-    # 2. Data, model and optimizer, on every rank.
-    trainer, problem = None, None
-    try:
-        train_strategy = _training_strategy(world, config)
-        trainer = Trainer(config, train_strategy, run_dir=path, verbose=verbose, out=out)
-    except (ConfigError, DataError) as exc:
-        problem = (EXIT_USAGE, str(exc))
-    except Exception as exc:  # a bug or an environment problem: keep the traceback
-        problem = (EXIT_FAILURE, "".join(traceback.format_exception(exc)).rstrip())
-    code = _report(world, _agree(world, problem, "train.setup"), err)
-    if code:
-        return code
-
-    # 3. Rank 0 looks for a checkpoint to resume from and creates the run directory;
-    #    the others learn whether it could.
-    problem, found = None, None
-    if rank == 0:  # elsewhere open_run_dir writes nothing; it only marks the trainer ready
-        try:
-            found = ckpt.latest_checkpoint(
-                path, warn=lambda msg: print(f"[rank 0] warning: {msg}",
-                                             file=err or sys.stderr, flush=True))
-            removed = trainer.open_run_dir(resume_step=None if found is None
-                                           else int(found[1]["step"]))
-            if removed:
-                print(f"[rank 0] note: replaced {', '.join(removed)} of a previous run in "
-                      f"{path}", file=err or sys.stderr, flush=True)
-        except OSError as exc:
-            problem = (EXIT_FAILURE, f"cannot write the run directory {path!r}: {exc}")
-    problem = world.broadcast_object(problem, root=0, name="train.run_dir")
-    code = _report(world, [problem] + [None] * (size - 1), err)
-    if code:
-        return code
-
-    # 4. Resume (rank 0 decides what to load and shares it), then train. A TrainingError
-    #    or a preemption is raised on every rank at the same step.
-    if rank != 0:
-        trainer.open_run_dir()
-    try:
-        trainer.restore(found)
-    except ValueError as exc:
-        if trainer.run_dir is not None:
-            trainer.run_dir.close()
-        return _report(world, [(EXIT_USAGE, str(exc))] * size, err)
-    with PreemptionFlag() as flag:
-        trainer.preemption = flag
-        try:
-            trainer.fit()
-        except TrainingError as exc:
-            if trainer.run_dir is not None:
-                trainer.run_dir.close()
-            return _report(world, [(EXIT_FAILURE, str(exc))] * size, err)
-        except Preempted as stop:
-            if trainer.run_dir is not None:
-                trainer.run_dir.close()
-            if rank == 0:
-                print(f"[rank 0] {stop}: checkpoint {stop.path or '(no run directory)'}; "
-                      f"exiting with {EXIT_PREEMPTED}. Run the same command again to resume.",
-                      file=err or sys.stderr, flush=True)
-            return EXIT_PREEMPTED
-    return EXIT_OK

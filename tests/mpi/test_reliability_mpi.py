@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import distbn
-from distbn.train import builder, trainer
+from distbn.train import builder, command, trainer
 from distbn.train.config import parse_config
 from distbn.train.data import BatchSchedule, shard_slice
 
@@ -112,7 +112,7 @@ def test_ranks_with_different_configs_exit_2_naming_them(strategy, comm, scratch
     last = comm.size - 1
     out_dir = scratch / "out"
     err = io.StringIO()
-    code = trainer.run(path, overrides=["seed=9"] if comm.rank == last else [],
+    code = command.run(path, overrides=["seed=9"] if comm.rank == last else [],
                        run_dir=str(out_dir), strategy=strategy, out=io.StringIO(), err=err)
     assert code == 2
     text = err.getvalue()

@@ -15,7 +15,7 @@ import pytest
 
 import distbn
 from distbn.layers.base import Variable
-from distbn.train import trainer
+from distbn.train import command, trainer
 from distbn.train.buckets import GradientAllReduce, broadcast_weights
 from distbn.train.config import parse_config
 
@@ -129,7 +129,7 @@ def test_config_error_is_collective_and_printed_once(strategy, comm, scratch):
     path = scratch / "cfg.yaml"
     path.write_text(CONFIG.replace("units: 10", "units: 10, activaton: relu"))
     out, err = io.StringIO(), io.StringIO()
-    code = trainer.run(path, strategy=strategy, out=out, err=err)
+    code = command.run(path, strategy=strategy, out=out, err=err)
     assert code == 2
     text = err.getvalue()
     if comm.rank == 0:
@@ -144,6 +144,6 @@ def test_sync_group_must_divide_the_ranks(strategy, comm, scratch):
     path = scratch / "cfg.yaml"
     path.write_text(CONFIG + f"strategy: {{sync_group: {comm.size + 1}}}\n")
     err = io.StringIO()
-    assert trainer.run(path, strategy=strategy, out=io.StringIO(), err=err) == 2
+    assert command.run(path, strategy=strategy, out=io.StringIO(), err=err) == 2
     assert ("strategy.sync_group: must divide the number of ranks" in err.getvalue()) \
         == (comm.rank == 0)
