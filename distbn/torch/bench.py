@@ -1,0 +1,149 @@
+"""One-rank speed of distbn's SyncBatchNorm against torch.nn.BatchNorm2d, in one process.
+
+    python -m distbn.torch.bench [--shape 64,64,32,32] [--dtype float32] [--threads 1]
+                                 [--samples 15] [--json]
+
+Each sample times forward+backward (`y = bn(x); y.backward(dy)`) of both modules, one
+after the other in alternating order, so the ratio is taken per pair on a noisy
+machine; the report gives medians. `measure()` returns the records for `distbn bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from distbn.distribute import LocalStrategy
+from distbn.torch._import import require_torch
+
+torch = require_torch()
+
+__all__ = ["measure", "main"]
+
+_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _fwd_bwd(module, x, dy, calls):
+    """Seconds per forward+backward of `module` on `x`, averaged over `calls`."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        x.grad = None
+        module(x).backward(dy)
+    return (time.perf_counter() - start) / calls
+
+
+def _set_threads(threads):
+    torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # the numpy kernels: numpy's own threads
+        pass
+
+
+def measure(shape=(64, 64, 32, 32), dtype="float32", threads=1, samples=15, calls=3,
+            warmup=3, layouts=("contiguous", "channels_last"), seed=0):
+    """Time distbn.torch.SyncBatchNorm (one replica) and torch.nn.BatchNorm2d.
+
+    Args:
+        shape: the (N, C, H, W) input shape.
+        dtype: "float32" or "float64".
+        threads: torch and numba threads for the measurement (restored afterwards).
+        samples: timed pairs per layout.
+        calls: forward+backward calls per sample.
+        warmup: untimed calls of each module first (compilation, allocator).
+        layouts: any of "contiguous", "channels_last".
+        seed: of the random input and output gradient.
+
+    Returns:
+        A list of records, one per layout: name, metric, value (median ratio
+        distbn / torch), unit, world_size, params (shape, dtype, layout, threads, both
+        medians in ms, quartiles of the ratio).
+    """
+    from distbn.torch.batchnorm import SyncBatchNorm
+
+    old_threads = torch.get_num_threads()
+    _set_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    tdtype = getattr(torch, dtype)
+    records = []
+    try:
+        for layout in layouts:
+            fmt = _LAYOUTS[layout]
+            x = torch.randn(*shape, generator=gen, dtype=tdtype).to(memory_format=fmt)
+            dy = torch.randn(*shape, generator=gen, dtype=tdtype).to(memory_format=fmt)
+            x.requires_grad_(True)
+            ours = SyncBatchNorm(shape[1], dtype=tdtype, strategy=LocalStrategy())
+            theirs = torch.nn.BatchNorm2d(shape[1], dtype=tdtype)
+            for m in (ours, theirs):
+                _fwd_bwd(m, x, dy, warmup)
+            t_ours, t_theirs, ratios = [], [], []
+            for i in range(samples):
+                pair = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+                times = {id(m): _fwd_bwd(m, x, dy, calls) for m in pair}
+                t_ours.append(times[id(ours)])
+                t_theirs.append(times[id(theirs)])
+                ratios.append(t_ours[-1] / t_theirs[-1])
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            records.append({
+                "name": "torch_bn_fwd_bwd", "metric": "time_ratio_vs_torch",
+                "value": statistics.median(ratios), "unit": "ratio", "world_size": 1,
+                "params": {"shape": list(shape), "dtype": dtype, "layout": layout,
+                           "threads": threads, "samples": samples, "calls": calls,
+                           "distbn_ms": 1e3 * statistics.median(t_ours),
+                           "torch_ms": 1e3 * statistics.median(t_theirs),
+                           "ratio_q1": q[0], "ratio_q3": q[2]},
+            })
+    finally:
+        _set_threads(old_threads)
+    return records
+
+
+def main(argv=None) -> int:
+    """`python -m distbn.torch.bench`: print the ratio per layout (or JSON records)."""
+    p = argparse.ArgumentParser(prog="python -m distbn.torch.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="64,64,32,32", help="N,C,H,W (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--samples", type=int, default=15)
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    args = p.parse_args(argv)
+    try:
+        shape = tuple(int(s) for s in args.shape.split(","))
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shape must be four positive ints N,C,H,W, got {args.shape!r}")
+    from distbn.memory import malloc_setting, retain_freed_memory
+
+    # As distbn's other commands: freed arrays stay mapped (no page faults per call),
+    # for both modules alike; DISTBN_MALLOC=default keeps glibc's behaviour.
+    retain_freed_memory()
+    records = measure(shape, args.dtype, args.threads, args.samples, args.calls)
+    for r in records:
+        r["params"]["malloc"] = malloc_setting()
+    if args.json:
+        json.dump(records, sys.stdout, indent=2)
+        print()
+        return 0
+    from distbn.ops import backend_name
+
+    print(f"forward+backward, one rank, {args.threads} thread(s), shape {shape} "
+          f"{args.dtype}, kernels: {backend_name()}, malloc: {malloc_setting()}, "
+          f"torch {torch.__version__}")
+    for r in records:
+        pr = r["params"]
+        print(f"  {pr['layout']:<14} distbn {pr['distbn_ms']:7.2f} ms   torch "
+              f"{pr['torch_ms']:7.2f} ms   ratio {r['value']:.3f} "
+              f"(quartiles {pr['ratio_q1']:.3f}-{pr['ratio_q3']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The autograd Function of distbn's PyTorch BatchNorm: where the collectives live.
+
+Tensors are seen as zero-copy numpy views and handed to `distbn.ops`: one replica runs
+the fused one-call kernels (`train_forward`, `train_backward`); a sync group of several
+replicas runs `ops.synchronized_moments` / `ops.synchronized_backward` with the
+strategy's `sync_all_reduce` as the all-reduce (one call forward, one backward). The
+running statistics follow PyTorch: `running = (1 - m) * running + m * stat` with the
+unbiased variance of the global batch.
+
+Layouts: a contiguous (N, C, ...) tensor is viewed as is (channels first); a tensor
+whose (N, ..., C) permutation is contiguous (channels_last, channels_last_3d, or a
+transposed (N, L, C) sequence) is viewed through that permutation, channels last. No
+layout copy of the input is made; anything else is made contiguous first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distbn import ops as _ops
+from distbn.torch._import import require_torch
+
+torch = require_torch()
+
+__all__ = ["sync_batch_norm"]
+
+_F64 = np.float64
+_NATIVE = (torch.float32, torch.float64)  # computed as they are; others in float32
+
+
+def _layout(t):
+    """`(view, perm)`: a tensor whose memory is C-contiguous in the order `perm` (None:
+    the tensor's own order), so `view.numpy()` is a zero-copy C-contiguous array."""
+    if t.is_contiguous():
+        return t, None
+    if t.dim() > 2:
+        perm = (0, *range(2, t.dim()), 1)
+        view = t.permute(perm)
+        if view.is_contiguous():
+            return view, perm
+    return t.contiguous(), None
+
+
+def _as_layout(t, perm):
+    """`t` (x's shape) as a C-contiguous tensor in the order `perm`; a copy only if needed."""
+    view = t if perm is None else t.permute(perm)
+    return view if view.is_contiguous() else view.contiguous()
+
+
+def _from_layout(a, perm):
+    """A numpy array in the order `perm` back as a tensor of the logical (N, C, ...) shape.
+
+    The permutation is numpy's (strides only): the tensor owns the memory rather than
+    being a torch view, so in-place ops on the output (ReLU(inplace=True)) are allowed.
+    """
+    if perm is not None:
+        inverse = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inverse[p] = i
+        a = np.transpose(a, inverse)
+    return torch.from_numpy(a)
+
+
+def _reduce_axes(ndim, perm):
+    """Every axis of the numpy view but the channel axis (1, or last in the permuted view)."""
+    return tuple(range(ndim - 1)) if perm is not None else (0, *range(2, ndim))
+
+
+def _channel_f64(t):
+    """A per-channel tensor (parameter or buffer) as a float64 numpy array (a copy)."""
+    return None if t is None else t.detach().to(torch.float64).numpy().copy()
+
+
+def _check_values_per_channel(count, x, group_size):
+    if count == 1:
+        where = "" if group_size == 1 else (
+            f" (1 value per channel over the {group_size} replicas of the sync group)")
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {x.shape}{where}")
+
+
+class _Group:
+    """The sync group's all-reduce for one call: a strategy, a label, the size."""
+
+    __slots__ = ("strategy", "name", "size")
+
+    def __init__(self, strategy, name):
+        self.strategy, self.name = strategy, name
+        self.size = strategy.sync_group_size
+
+    def forward(self, buf):
+        return self.strategy.sync_all_reduce(buf, name=f"{self.name}/forward")
+
+    def backward(self, buf):
+        return self.strategy.sync_all_reduce(buf, name=f"{self.name}/backward")
+
+
+def _update_running(running_mean, running_var, count, mean, var, momentum):
+    """PyTorch's running-statistics update, in float64, written into the buffers.
+
+    `momentum` is PyTorch's exponential average factor (1/num_batches_tracked for the
+    cumulative average); the variance is the unbiased one of the global batch. An empty
+    global batch leaves the buffers untouched, as PyTorch does.
+    """
+    n = float(count.flat[0]) if count.size else 0.0
+    if n <= 0:
+        return
+    if running_mean is not None:
+        new = (1.0 - momentum) * _channel_f64(running_mean) + momentum * mean
+        running_mean.copy_(torch.from_numpy(new))
+    if running_var is not None:
+        new = (1.0 - momentum) * _channel_f64(running_var) + momentum * (var * (n / (n - 1.0)))
+        running_var.copy_(torch.from_numpy(new))
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = BN(x) over the sync group; backward through the global batch statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, batch_stats, momentum,
+                eps, group):
+        in_dtype = x.dtype
+        work = x if in_dtype in _NATIVE else x.to(torch.float32)
+        view, perm = _layout(work)
+        xn = view.detach().numpy()
+        red = _reduce_axes(xn.ndim, perm)
+        gamma, beta = _channel_f64(weight), _channel_f64(bias)
+        kern = _ops.kernels()
+        if not batch_stats:  # running statistics: constants, no communication
+            mean, var, count = _channel_f64(running_mean), _channel_f64(running_var), None
+            y = kern.normalize(xn, mean, var, gamma, beta, eps, red)
+        elif group is None:
+            _check_values_per_channel(xn.size // max(x.shape[1], 1), x, 1)
+            # The fused one-call forward; its Keras-style moving update goes to scratch
+            # copies (PyTorch's update differs), which also normalise an empty batch.
+            scratch_mean = (np.zeros(x.shape[1]) if running_mean is None
+                            else _channel_f64(running_mean))
+            scratch_var = (np.ones(x.shape[1]) if running_var is None
+                           else _channel_f64(running_var))
+            y, count, mean, var = kern.train_forward(xn, red, None, gamma, beta, eps,
+                                                     scratch_mean, scratch_var, 1.0)
+        else:
+            # The shift must be the same on every replica: the running mean is (the
+            # buffers are broadcast by DDP), zeros without one.
+            shift = (np.zeros(x.shape[1]) if running_mean is None
+                     else _channel_f64(running_mean))
+            mean, var, count = _ops.synchronized_moments(xn, red, None, shift, eps,
+                                                         group.forward)
+            _check_values_per_channel(int(count.flat[0]), x, group.size)
+            if count.flat[0] == 0:  # no value anywhere: the output is empty everywhere
+                var = np.ones_like(var)
+            y = kern.normalize(xn, mean, var, gamma, beta, eps, red)
+        if batch_stats and momentum is not None:
+            _update_running(running_mean, running_var, count, mean, var, float(momentum))
+        ctx.save_for_backward(work)
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.meta = (perm, red, mean, _ops.inverse_std(var, eps), gamma, count, group,
+                    in_dtype)
+        out = _from_layout(y, perm)
+        return out if in_dtype in _NATIVE else out.to(in_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (work,) = ctx.saved_tensors
+        perm, red, mean, inv_std, gamma, count, group, in_dtype = ctx.meta
+        xn = _as_layout(work, perm).detach().numpy()
+        dyn = _as_layout(dy.to(work.dtype), perm).numpy()
+        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        kern = _ops.kernels()
+        sums = dx = None
+        if count is None:  # running statistics: the affine map
+            if need_w or need_b:
+                sums = kern.backward_sums(dyn, xn, mean, inv_std, red)
+            if need_dx:
+                dx = kern.input_grad(dyn, xn, mean, inv_std, gamma, None, None, None, red)
+        elif group is None:
+            if need_dx:
+                sums, dx = kern.train_backward(dyn, xn, mean, inv_std, gamma, count, red)
+            elif need_w or need_b:
+                sums = kern.backward_sums(dyn, xn, mean, inv_std, red)
+        else:  # every replica joins the collective, whatever it needs
+            sums, dx = _ops.synchronized_backward(dyn, xn, mean, inv_std, gamma, count, red,
+                                                  None, group.backward)
+        grad_x = grad_w = grad_b = None
+        if need_dx:
+            grad_x = _from_layout(dx, perm)
+            if in_dtype not in _NATIVE:
+                grad_x = grad_x.to(in_dtype)
+        # weight/bias gradients: this replica's local sums (DDP or the trainer sums them).
+        if need_w:
+            grad_w = torch.from_numpy(np.ascontiguousarray(sums[1])).to(ctx.weight_dtype)
+        if need_b:
+            grad_b = torch.from_numpy(np.ascontiguousarray(sums[0])).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def sync_batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5, strategy=None, name="sync_batch_norm"):
+    """`torch.nn.functional.batch_norm` with batch statistics over a strategy's sync group.
+
+    Args:
+        x: CPU tensor (N, C, ...), 2-D to 5-D, any float dtype (float16/bfloat16 are
+            computed in float32 and returned in their dtype).
+        running_mean, running_var: (C,) buffers or None; updated in place in training
+            (PyTorch's rule, unbiased variance of the global batch).
+        weight, bias: (C,) tensors or None.
+        training: use (and synchronize) batch statistics; else the running ones.
+        momentum: PyTorch's exponential average factor, or None for no running update.
+        eps: added to the variance.
+        strategy: a `distbn` strategy whose sync group shares the statistics; None or a
+            group of one replica: local statistics, no communication.
+        name: the label of its collectives (check mode, stall reports).
+
+    Returns:
+        The normalised tensor, x's shape, dtype and memory format.
+    """
+    group = None
+    if training and strategy is not None and strategy.sync_group_size > 1:
+        group = _Group(strategy, name)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("sync_batch_norm: training=False needs running_mean and "
+                         f"running_var, got {type(running_mean).__name__} and "
+                         f"{type(running_var).__name__}")
+    y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
+                                     bool(training), momentum, float(eps), group)
+    return y
