@@ -23,8 +23,8 @@ _DESCRIPTION = """\
 Benchmark jobs. Suites: kernel (BN forward/backward time and effective GB/s vs the
 machine's copy bandwidth and PyTorch's CPU batch_norm), allreduce (Allreduce latency and
 bandwidth for BN buffers and gradient buckets), sync (synchronized vs replica-local BN
-step time and overhead), scaling (training throughput of configs/quickstart.yaml at
-each world size). Default: all suites.
+step time and overhead), scaling (training throughput of the quickstart config,
+configs/quickstart.yaml, shipped in the package, at each world size). Default: all suites.
 
 Run as one process, it measures each world size of --ranks through mpiexec (one rank
 per core, one thread per rank). Under mpiexec/srun with more than one rank, or with
@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
                         "(implied under mpiexec/srun with more than one rank; use it for "
                         "`srun -n 1`)")
     p.add_argument("--scaling-config", metavar="YAML",
-                   help="training config of the scaling suite (default configs/quickstart.yaml)")
+                   help="training config of the scaling suite (default: the packaged "
+                        "configs/quickstart.yaml)")
     p.add_argument("--mpiexec", metavar="PATH",
                    help="the mpiexec to launch with (default: $DISTBN_MPIEXEC, the venv's, PATH)")
     p.add_argument("--timeout", type=float, metavar="S",

@@ -26,8 +26,10 @@ _US = 1e6
 
 
 def default_config() -> Path:
-    """The quickstart config of the source tree distbn is imported from."""
-    return Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    """The quickstart config shipped in the package (`distbn/configs/quickstart.yaml`)."""
+    from distbn.configs import packaged_config
+
+    return packaged_config("quickstart.yaml")
 
 
 def run(ctx: Context, config_path=None) -> list[dict]:
@@ -35,7 +37,7 @@ def run(ctx: Context, config_path=None) -> list[dict]:
 
     Args:
         ctx: the run context; needs a communicator.
-        config_path: the training config (default: configs/quickstart.yaml).
+        config_path: the training config (default: the packaged quickstart.yaml).
 
     Returns:
         The records on rank 0, [] elsewhere.

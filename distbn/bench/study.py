@@ -83,7 +83,7 @@ _TARGET_RECORDS = 400
 _PROGRESS_LINES = 10
 _DEFAULT_TIMEOUT = 1800.0
 
-_USAGE = ("distbn compare CONFIG --out DIR [--ranks N] [--reference] [--set KEY.PATH=VALUE ...]\n"
+_USAGE = ("distbn compare [CONFIG] --out DIR [--ranks N] [--reference] [--set KEY.PATH=VALUE ...]\n"
           "                      [--every K] [--timeout S] [--mpiexec PATH]")
 _DESCRIPTION = """\
 Train CONFIG with replica-local and with synchronized BatchNormalization at the same
@@ -501,7 +501,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="replica-local vs synchronized BN statistics study",
                        usage=_USAGE, description=_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", metavar="CONFIG", help="the YAML config (e.g. configs/study.yaml)")
+    p.add_argument("config", metavar="CONFIG", nargs="?",
+                   help="the YAML config (default: configs/study.yaml, shipped in the package)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where report.md, report.png and study.jsonl go")
     p.add_argument("--ranks", type=int, metavar="N",
@@ -527,6 +528,21 @@ def _error(message: str) -> int:
     return 2
 
 
+def _resolve_config(args) -> None:
+    """CONFIG left out: the packaged study config. A clone's path that this installation
+    lacks (e.g. configs/study.yaml outside the clone) gets a hint to the packaged copy."""
+    from distbn.configs import NAMES, packaged_config
+
+    if args.config is None:
+        args.config = str(packaged_config("study.yaml"))
+        return
+    path = Path(args.config)
+    if not path.exists() and path.name in NAMES:
+        raise StudyError(f"config {args.config!r} not found; distbn ships this config: "
+                         f"leave CONFIG out for the study config, or pass "
+                         f"{str(packaged_config(path.name))!r}")
+
+
 def _check_args(args, size) -> tuple[list, int, object]:
     """Validate arguments and both configs. Returns (mode configs, ranks, dataset)."""
     from distbn.train import builder
@@ -537,6 +553,7 @@ def _check_args(args, size) -> tuple[list, int, object]:
     if args.part == "reference" and size > 1:
         raise StudyError(f"--part reference is internal and runs in one process, got an MPI "
                          f"job of {size} ranks; leave it out")
+    _resolve_config(args)
     if args.every is not None and args.every < 1:
         raise StudyError(f"--every must be >= 1, got {args.every}")
     if args.timeout is not None and not args.timeout > 0:
