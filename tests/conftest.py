@@ -1,6 +1,11 @@
 """Serial test session: tests/mpi runs through the mpiexec driver (test_mpi_suite.py)."""
 
+import os
 from pathlib import Path
+
+# Keras 3 picks its backend at import: the reference tests use JAX (the Keras adapter's
+# own tests choose per process). Without it Keras would look for TensorFlow.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 MPI_DIR = Path(__file__).parent / "mpi"
 

@@ -25,6 +25,7 @@ TINY = textwrap.dedent("""\
         - {type: GlobalAveragePooling2D}
         - {type: Dense, units: 10}
     train:
+      from_logits: true  # the last Dense outputs logits
       global_batch_size: 9
       steps: 4
     logging: {every_steps: 2, progress: lines}
@@ -132,3 +133,19 @@ def test_a_rank_failing_during_training_ends_the_job(tmp_path, tiny, via_mpi4py)
     assert not r.timed_out and r.returncode != 0, r.report()
     assert "injected failure on the last rank" in r.stdout + r.stderr
     assert not (tmp_path / "o" / "model.npz").exists()
+
+
+@pytest.mark.parametrize("value", ["foo"])
+def test_bad_kernel_backend_at_two_ranks_exits_2_once_and_writes_nothing(tmp_path, tiny,
+                                                                       monkeypatch, value):
+    """DISTBN_KERNELS used to be read at the first BN call: after the run directory was
+    written, with a traceback from every rank."""
+    monkeypatch.setenv("DISTBN_KERNELS", value)
+    out_dir = tmp_path / "o"
+    run = run_mpi(2, ["-m", "distbn", "train", str(tiny), "--run-dir", str(out_dir)],
+                  timeout=60)
+    assert not run.timed_out and run.returncode == 2, run.failure_report()
+    assert run.output.count("distbn train: error:") == 1, run.failure_report()
+    assert "DISTBN_KERNELS" in run.output and "'foo'" in run.output, run.failure_report()
+    assert "Traceback" not in run.output, run.failure_report()
+    assert not out_dir.exists()

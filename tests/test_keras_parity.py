@@ -1,10 +1,7 @@
 """Parity with Keras 3 (jax backend): outputs, moving statistics, gradients, dtypes, configs.
 
-Skipped where Keras is not installed (CI). To run it:
-    python3 -m venv /tmp/kvenv
-    /tmp/kvenv/bin/pip install keras jax numpy pyyaml mpi4py pytest pytest-timeout
-    /tmp/kvenv/bin/pip install -e . --no-deps
-    /tmp/kvenv/bin/python -m pytest -q tests/test_keras_parity.py
+Runs in `make test` and CI (the Makefile installs the `keras` extra: keras and jax);
+skipped in an environment without them.
 """
 
 import json

@@ -20,13 +20,14 @@ RNG = np.random.default_rng(3)
 def test_sparse_categorical_crossentropy_values_and_gradient():
     logits = RNG.standard_normal((5, 4))
     labels = np.array([0, 3, 1, 1, 2])
-    per_sample, grad = losses.sparse_categorical_crossentropy(logits, labels)
+    per_sample, grad = losses.sparse_categorical_crossentropy(logits, labels, from_logits=True)
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(per_sample, -np.log(p[np.arange(5), labels]), rtol=1e-12)
     w = RNG.standard_normal(5)  # a weighted sum checks each row's gradient separately
 
     def weighted():
-        return float(np.sum(losses.sparse_categorical_crossentropy(logits, labels)[0] * w))
+        per = losses.sparse_categorical_crossentropy(logits, labels, from_logits=True)[0]
+        return float(np.sum(per * w))
 
     np.testing.assert_allclose(grad * w[:, None], numeric_grad(weighted, logits), rtol=1e-6,
                                atol=1e-9)
@@ -34,31 +35,55 @@ def test_sparse_categorical_crossentropy_values_and_gradient():
 
 def test_crossentropy_is_stable_and_keeps_dtype():
     logits = np.array([[1000.0, -1000.0, 0.0]], dtype=np.float32)
-    per_sample, grad = losses.sparse_categorical_crossentropy(logits, [1])
+    per_sample, grad = losses.sparse_categorical_crossentropy(logits, [1], from_logits=True)
     assert np.isfinite(per_sample).all() and per_sample[0] == pytest.approx(2000.0)
     assert grad.dtype == np.float32
     np.testing.assert_allclose(grad, [[1.0, -1.0, 0.0]], atol=1e-6)
     # N-D logits: labels carry the leading axes
-    per_pos, g = losses.sparse_categorical_crossentropy(np.zeros((2, 3, 4)), np.zeros((2, 3),
-                                                                                       int))
+    per_pos, g = losses.sparse_categorical_crossentropy(np.zeros((2, 3, 4)),
+                                                        np.zeros((2, 3), int), from_logits=True)
     np.testing.assert_allclose(per_pos, np.log(4.0))
     assert g.shape == (2, 3, 4)
+
+
+def test_crossentropy_of_probabilities_matches_keras_and_central_differences():
+    """from_logits=False (Keras' default): the input is normalised and clipped."""
+    p = RNG.random((6, 4)) + 0.05
+    p[0] = [1.0, 0.0, 0.0, 0.0]  # clipped: -log(1e-7) at label 1, no gradient
+    labels = np.array([1, 3, 1, 0, 2, 2])
+    per_sample, grad = losses.sparse_categorical_crossentropy(p, labels)
+    q = p / p.sum(axis=1, keepdims=True)
+    expected = -np.log(np.clip(q[np.arange(6), labels], 1e-7, 1 - 1e-7))
+    np.testing.assert_allclose(per_sample, expected, rtol=1e-12)
+    np.testing.assert_allclose(grad[0], 0.0)
+    w = RNG.standard_normal(6)
+
+    def weighted():
+        return float(np.sum(losses.sparse_categorical_crossentropy(p, labels)[0] * w))
+
+    # (row 0 sits on the clip's kink, where central differences do not apply)
+    np.testing.assert_allclose((grad * w[:, None])[1:], numeric_grad(weighted, p)[1:],
+                               rtol=1e-6, atol=1e-9)
+    keras = pytest.importorskip("keras")
+    ref = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(
+        labels, p.astype("float32")))
+    np.testing.assert_allclose(per_sample, ref, rtol=1e-5)
 
 
 def test_label_checks():
     logits = np.zeros((3, 4))
     with pytest.raises(ValueError, match=r"in \[0, 4\).*got label 4"):
-        losses.sparse_categorical_crossentropy(logits, [0, 4, 1])
+        losses.sparse_categorical_crossentropy(logits, [0, 4, 1], from_logits=True)
     with pytest.raises(ValueError, match="got label -1"):
-        losses.sparse_categorical_crossentropy(logits, [0, -1, 1])
+        losses.sparse_categorical_crossentropy(logits, [0, -1, 1], from_logits=True)
     with pytest.raises(ValueError, match="integer class ids"):
-        losses.sparse_categorical_crossentropy(logits, [0.5, 1, 1])
+        losses.sparse_categorical_crossentropy(logits, [0.5, 1, 1], from_logits=True)
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
-        losses.sparse_categorical_crossentropy(logits, [0, 1])
+        losses.sparse_categorical_crossentropy(logits, [0, 1], from_logits=True)
     with pytest.raises(ValueError, match="got label 9"):
         losses.accuracy(logits, [0, 9, 1])
     # integral floats are accepted
-    losses.sparse_categorical_crossentropy(logits, np.array([0.0, 1.0, 3.0]))
+    losses.sparse_categorical_crossentropy(logits, np.array([0.0, 1.0, 3.0]), from_logits=True)
 
 
 def test_mean_squared_error():

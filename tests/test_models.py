@@ -169,7 +169,7 @@ def test_sliced_gradients_sum_to_whole_batch_gradient():
 
     def grads(m, lo, hi):
         out = m(x[lo:hi], training=True, sample_ids=ids[lo:hi], step=9)
-        _, g = losses.sparse_categorical_crossentropy(out, labels[lo:hi])
+        _, g = losses.sparse_categorical_crossentropy(out, labels[lo:hi], from_logits=True)
         m.backward(g / len(x), regularization_scale=0.0)
         return {k: w.grad.copy() for k, w in m.named_weights().items()}
 
@@ -198,7 +198,7 @@ def test_small_model_learns():
     opt = optimizers.SGD(0.5, momentum=0.9)
     for step in range(60):
         out = model(x, training=True, step=step)
-        _, g = losses.sparse_categorical_crossentropy(out, y)
+        _, g = losses.sparse_categorical_crossentropy(out, y, from_logits=True)
         model.backward(g / len(x))
         opt.apply(model.trainable_weights)
     assert losses.accuracy(model(x), y) >= 124

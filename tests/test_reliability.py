@@ -36,6 +36,7 @@ TINY = textwrap.dedent("""\
         - {type: GlobalAveragePooling2D}
         - {type: Dense, units: 10}
     train:
+      from_logits: true  # the last Dense outputs logits
       global_batch_size: 8
       steps: 6
       optimizer: {name: sgd, learning_rate: 0.1}

@@ -37,6 +37,7 @@ TINY = textwrap.dedent("""\
         - {type: GlobalAveragePooling2D}
         - {type: Dense, units: 10}
     train:
+      from_logits: true  # the last Dense outputs logits
       global_batch_size: 16
       steps: 6
     logging: {every_steps: 1, progress: lines}

@@ -33,6 +33,7 @@ TINY = textwrap.dedent("""\
         - {type: GlobalAveragePooling2D}
         - {type: Dense, units: 10, kernel_regularizer: l2}
     train:
+      from_logits: true  # the last Dense outputs logits
       global_batch_size: 10
       steps: 7
       optimizer: {name: sgd, learning_rate: 0.05}
@@ -396,3 +397,65 @@ def test_bar_progress_runs(tmp_path, capsys):
     assert code == 0
     assert "[rank 0] train" in capsys.readouterr().err  # the bar, on stderr
     assert "step 3/7" not in out and "[rank 0] test  loss" in out
+
+
+def test_stop_without_run_dir_prints_the_command_that_resumes(tmp_path, monkeypatch):
+    """The hint used to be "run the same command again", which starts a new directory."""
+    import os
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, TINY)
+    step = trainer.Trainer.train_step
+
+    def stopped_at_step_2(self):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what `distbn launch` forwards
+        return step(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", stopped_at_step_2)
+    typed = f"distbn train {cfg} --overwrite --set logging.every_steps=3"
+    code, _, err = run_quiet(cfg, ["checkpoint.every_steps=0"], command=typed)
+    assert code == command.EXIT_PREEMPTED, err
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert f"stopped at step 3 after SIGUSR1: checkpoint {run_dir.relative_to(tmp_path)}" in err
+    hint = err.split("To resume, run:\n")[1].strip()
+    assert hint == (f"distbn train {cfg} --set logging.every_steps=3 --run-dir "
+                    f"{run_dir.relative_to(tmp_path)}")
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    code, out, err = run_quiet(cfg, ["checkpoint.every_steps=0"],
+                               run_dir=str(run_dir.relative_to(tmp_path)))
+    assert code == 0 and "resumed from step 3" in out, err
+
+
+SOFTMAX_OUTPUT = TINY.replace("units: 10, kernel_regularizer: l2}",
+                              "units: 10, activation: softmax}")
+
+
+def test_softmax_output_fed_to_a_logits_loss_is_refused(tmp_path):
+    """It used to train silently with a double softmax (the loss floored near 0.56)."""
+    cfg = write(tmp_path, SOFTMAX_OUTPUT)
+    code, out, err = run_quiet(cfg, run_dir=str(tmp_path / "o"))
+    assert code == 2 and out == "", err
+    line = _line_of(SOFTMAX_OUTPUT, "activation: softmax")
+    assert f"{cfg}:{line}:" in err and "second softmax" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_logits_output_with_keras_default_from_logits_is_refused(tmp_path):
+    cfg = write(tmp_path, TINY.replace("  from_logits: true  # the last Dense outputs logits\n",
+                                       ""))
+    code, _, err = run_quiet(cfg, run_dir=str(tmp_path / "o"))
+    assert code == 2 and "train.from_logits is false (Keras' default" in err
+
+
+def test_softmax_output_trains_with_from_logits_false(tmp_path):
+    text = SOFTMAX_OUTPUT.replace("from_logits: true", "from_logits: false")
+    probs = builder.build_loss(load_config(write(tmp_path, text)).train, 10, "float64")
+    logits = builder.build_loss(load_config(write(tmp_path, TINY)).train, 10, "float64")
+    z = np.random.default_rng(0).normal(size=(5, 10))
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    y = np.arange(5)
+    np.testing.assert_allclose(probs(p, y)[0], logits(z, y)[0], rtol=1e-12)
+    code, out, err = run_quiet(write(tmp_path, text), run_dir=str(tmp_path / "o"))
+    assert code == 0, err

@@ -17,6 +17,7 @@ from distbn import random as _random
 from distbn.layers import registry
 from distbn.layers.base import _snake_case
 from distbn.models import Sequential
+from distbn.layers import activations
 from distbn.train import data as _data
 from distbn.train import losses as _losses
 from distbn.train import optimizers as _optimizers
@@ -230,7 +231,29 @@ def build_model(config, input_shape, num_classes=None, strategy=None) -> Sequent
                                     f"have {num_classes} classes: end with a layer of "
                                     f"output shape (None, {num_classes}), e.g. "
                                     f"{{type: Dense, units: {num_classes}}}")
+    _check_output_activation(config, specs[-1], layers[-1])
     return model
+
+
+def _check_output_activation(config, spec, last) -> None:
+    """A softmax output and train.from_logits must agree: a softmax fed to a logits
+    loss trains silently badly (the loss floors well above zero), and logits fed to a
+    probabilities loss are not probabilities."""
+    train = config.train
+    if train.loss != "sparse_categorical_crossentropy":
+        return
+    activation = getattr(last, "activation", None)
+    softmax = activation is not None and activations.serialize(activation) == "softmax"
+    if softmax and train.from_logits:
+        raise spec.error(None, f"{spec.type} {last.name!r} ends the model with a softmax, but "
+                               "train.from_logits is true (the loss would apply a second "
+                               "softmax): set train.from_logits: false, or drop the "
+                               "softmax and keep logits")
+    if not softmax and not train.from_logits:
+        raise spec.error(None, f"{spec.type} {last.name!r} outputs unnormalised scores (no "
+                               "softmax), but train.from_logits is false (Keras' default: "
+                               "the loss expects probabilities): set train.from_logits: "
+                               "true, or end the model with activation: softmax")
 
 
 def total_steps(config, n_train) -> int:
@@ -308,7 +331,12 @@ def build_loss(train_config, num_classes, dtype):
         The function.
     """
     if train_config.loss == "sparse_categorical_crossentropy":
-        return _losses.sparse_categorical_crossentropy
+        from_logits = train_config.from_logits
+
+        def crossentropy(outputs, labels):
+            return _losses.sparse_categorical_crossentropy(outputs, labels, from_logits)
+
+        return crossentropy
     eye = np.eye(num_classes, dtype=dtype)
 
     def mse_one_hot(outputs, labels):

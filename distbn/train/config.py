@@ -430,6 +430,10 @@ class TrainConfig(_Section):
         optimizer: `OptimizerConfig`.
         loss: "sparse_categorical_crossentropy" (default) or "mse" (against one-hot
             labels).
+        from_logits: whether the model outputs logits (true: the crossentropy applies
+            the softmax) or probabilities (false, Keras' default: the last layer has
+            `activation: softmax`). A softmax output with from_logits true, or a
+            non-softmax output with from_logits false, is refused. Ignored by mse.
         eval_every: evaluate on the test split every this many steps (>= 0); 0 (default):
             only at the end.
         on_nonfinite: what a non-finite loss (on any rank) or gradient norm does, decided
@@ -449,6 +453,7 @@ class TrainConfig(_Section):
     drop_last: bool = False
     optimizer: OptimizerConfig = _f(factory=OptimizerConfig)
     loss: Literal["sparse_categorical_crossentropy", "mse"] = "sparse_categorical_crossentropy"
+    from_logits: bool = False
     eval_every: int = _f(0, ge=0)
     on_nonfinite: Literal["raise", "skip_step"] = "raise"
     check_replicas_every: int = _f(0, ge=0)

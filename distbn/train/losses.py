@@ -39,36 +39,53 @@ def _check_labels(labels, logits_shape) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
-def sparse_categorical_crossentropy(logits, labels):
-    """Cross-entropy of integer labels against logits (stable log-softmax).
+# Probabilities are clipped to [EPSILON, 1 - EPSILON] before the log, as Keras does.
+EPSILON = 1e-7
+
+
+def sparse_categorical_crossentropy(y_pred, labels, from_logits=False):
+    """Cross-entropy of integer labels, as Keras' `sparse_categorical_crossentropy`.
 
     Args:
-        logits: (..., classes) unnormalised scores, any float dtype.
-        labels: (...) integer class ids in [0, classes).
+        y_pred: (..., classes) float predictions: probabilities (from_logits=False, Keras'
+            default: e.g. the output of a softmax; normalised to sum 1 and clipped to
+            [1e-7, 1 - 1e-7], as Keras does) or unnormalised scores (from_logits=True:
+            a stable log-softmax is applied here).
+        labels: (...) integer class ids in [0, classes) (integer-valued floats are fine).
+        from_logits: whether `y_pred` are logits.
 
     Returns:
         (per-sample losses, float64 of shape labels.shape;
-         d(sum of losses)/d(logits), logits' shape and float dtype).
+         d(sum of losses)/d(y_pred), y_pred's shape and float dtype).
 
     Raises:
         ValueError: on a shape mismatch or a label out of range (quoting it).
     """
-    logits = np.asarray(logits)
-    if logits.ndim < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits need a non-empty class axis, got shape {logits.shape}")
-    labels = _check_labels(labels, logits.shape)
+    y_pred = np.asarray(y_pred)
+    if y_pred.ndim < 1 or y_pred.shape[-1] < 1:
+        raise ValueError(f"predictions need a non-empty class axis, got shape {y_pred.shape}")
+    labels = _check_labels(labels, y_pred.shape)
+    out_dtype = y_pred.dtype if np.issubdtype(y_pred.dtype, np.floating) else np.float64
     # float64 here: the loss is a reduction over classes; the gradient goes back in the
-    # logits' own dtype.
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    log_p = z - log_norm
-    picked = np.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-    grad = np.exp(log_p)
-    np.put_along_axis(grad, labels[..., None],
-                      np.take_along_axis(grad, labels[..., None], axis=-1) - 1.0, axis=-1)
-    out_dtype = logits.dtype if np.issubdtype(logits.dtype, np.floating) else np.float64
-    return -picked, grad.astype(out_dtype, copy=False)
+    # predictions' own dtype.
+    z = y_pred.astype(np.float64)
+    at = labels[..., None]
+    if from_logits:
+        z = z - z.max(axis=-1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        picked = np.take_along_axis(log_p, at, axis=-1)[..., 0]
+        grad = np.exp(log_p)
+        np.put_along_axis(grad, at, np.take_along_axis(grad, at, axis=-1) - 1.0, axis=-1)
+        return -picked, grad.astype(out_dtype, copy=False)
+    total = z.sum(axis=-1, keepdims=True)
+    p = np.take_along_axis(z, at, axis=-1) / total
+    clipped = np.clip(p, EPSILON, 1.0 - EPSILON)
+    # loss = -log(p_y / sum p): d/dp_j = 1/sum - [j = y]/p_y, zero where the clip holds.
+    inside = (p > EPSILON) & (p < 1.0 - EPSILON)
+    grad = np.where(inside, 1.0 / total, 0.0) * np.ones_like(z)
+    np.put_along_axis(grad, at, np.take_along_axis(grad, at, axis=-1)
+                      - np.where(inside, 1.0 / (p * total), 0.0), axis=-1)
+    return -np.log(clipped[..., 0]), grad.astype(out_dtype, copy=False)
 
 
 def mean_squared_error(predictions, targets):

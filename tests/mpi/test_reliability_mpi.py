@@ -29,6 +29,7 @@ CONFIG = textwrap.dedent("""\
         - {type: GlobalAveragePooling2D}
         - {type: Dense, units: 10}
     train:
+      from_logits: true  # the last Dense outputs logits
       global_batch_size: 7
       steps: 5
       optimizer: {name: sgd, learning_rate: 0.1}

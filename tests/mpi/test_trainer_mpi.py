@@ -32,6 +32,7 @@ CONFIG = textwrap.dedent("""\
         - {type: Dropout, rate: 0.3}
         - {type: Dense, units: 10}
     train:
+      from_logits: true  # the last Dense outputs logits
       global_batch_size: 7
       steps: 6
       optimizer: {name: sgd, learning_rate: 0.1, global_clipnorm: 0.5}
