@@ -115,7 +115,7 @@ def test_matches_torch_batchnorm_float64(shape, fmt, momentum):
         y_ref, dx_ref, g_ref = step(theirs, x, dy)
         torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(dx, dx_ref, rtol=0, atol=1e-12)
-        for a, b in zip(g, g_ref):
+        for a, b in zip(g, g_ref, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         assert y.stride() == x.stride()  # the layout is kept (torch too, but for (N, L, C))
         assert y.stride() == y_ref.stride() or fmt == "transposed"
@@ -124,7 +124,7 @@ def test_matches_torch_batchnorm_float64(shape, fmt, momentum):
     theirs.eval()
     x = layout(torch.randn(*shape, generator=gen, dtype=F64), fmt)
     dy = layout(torch.randn(*shape, generator=gen, dtype=F64), fmt)
-    for a, b in zip(step(ours, x, dy)[:2], step(theirs, x, dy)[:2]):
+    for a, b in zip(step(ours, x, dy)[:2], step(theirs, x, dy)[:2], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert int(ours.num_batches_tracked) == 3
 
@@ -141,7 +141,7 @@ def test_affine_and_track_running_stats_options(affine, track):
         (y, dx, g), (y_ref, dx_ref, g_ref) = step(ours, x, dy), step(theirs, x, dy)
         torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(dx, dx_ref, rtol=0, atol=1e-12)
-        assert all((a is None) == (b is None) for a, b in zip(g, g_ref))
+        assert all((a is None) == (b is None) for a, b in zip(g, g_ref, strict=True))
         assert_same_state(ours, theirs, 1e-12)
 
 
@@ -155,7 +155,7 @@ def test_float32_matches_torch(fmt):
     assert y.dtype == dx.dtype == torch.float32
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
-    for a, b in zip(g, g_ref):
+    for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert_same_state(ours, theirs, 1e-5)
 
@@ -171,7 +171,7 @@ def test_half_inputs_computed_in_float32_returned_in_their_dtype(dtype):
     assert y.dtype == dx.dtype == dtype
     torch.testing.assert_close(y.float(), y_ref.to(dtype).float(), rtol=0, atol=0)
     torch.testing.assert_close(dx.float(), dx_ref.to(dtype).float(), rtol=2e-2, atol=2e-2)
-    for a, b in zip(g, g_ref):
+    for a, b in zip(g, g_ref, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -208,7 +208,7 @@ def test_mirror_strategy_runs_the_synchronized_path_with_one_collective_each_way
         torch.testing.assert_close(y, y_ref[:3], rtol=0, atol=1e-12)
         # Each replica's input gradient is its half of the concatenated batch's.
         torch.testing.assert_close(dx, dx_ref[:3], rtol=0, atol=1e-12)
-        for a, b in zip(g, g_ref):  # local sums: half of the global ones
+        for a, b in zip(g, g_ref, strict=True):  # local sums: half of the global ones
             torch.testing.assert_close(2 * a, b, rtol=0, atol=1e-12)
         assert_same_state(ours, theirs, 1e-12)
     strat.calls.clear()
