@@ -133,10 +133,13 @@ def test_load_npz_uint8_scaled(tmp_path):
     ({"x_train": None, "y_train": None}, "missing array(s) x_train, y_train"),
     ({"x_train": np.zeros((6, 5, 5, 2), np.int32)},
      "x_train: expected a float or uint8 array, got dtype int32"),
+    ({"x_test": np.zeros((4, 5, 5, 1, 1), np.float32)},
+     "x_test: expected (N, features), (N, steps, features) or NHWC images (N, height, "
+     "width, channels), got shape (4, 5, 5, 1, 1)"),
     ({"x_test": np.zeros((4, 5, 5), np.float32)},
-     "x_test: expected a 4-D NHWC array, got shape (4, 5, 5)"),
+     "x_test: sample shape (5, 5) differs from x_train's (5, 5, 2)"),
     ({"x_test": np.zeros((4, 5, 5, 3), np.float32)},
-     "x_test: image shape (5, 5, 3) differs from x_train's (5, 5, 2)"),
+     "x_test: sample shape (5, 5, 3) differs from x_train's (5, 5, 2)"),
     ({"x_train": np.full((6, 5, 5, 2), np.nan, np.float32)},
      "x_train: non-finite value"),
     ({"x_test": np.pad(np.zeros((4, 5, 5, 1), np.float32), ((0, 0),) * 3 + ((0, 1),),
@@ -145,8 +148,13 @@ def test_load_npz_uint8_scaled(tmp_path):
     ({"y_train": np.zeros(5, np.int64)}, "y_train: has 5 labels but x has 6 samples"),
     ({"y_train": np.zeros((6, 1), np.int64)},
      "y_train: expected a 1-D label array, got shape (6, 1)"),
-    ({"y_test": np.zeros(4, np.float32)},
-     "y_test: expected an integer label array, got dtype float32"),
+    ({"y_test": np.array([0, 1.5, 1, 0], np.float32)},
+     "y_test: labels must be integer class ids, got 1.5 (dtype float32)"),
+    ({"y_test": np.array(["a", "b", "c", "d"])},
+     "y_test: expected integer class labels, got dtype <U1"),
+    ({"y_test": np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]},
+     "y_test: labels look one-hot (shape (4, 3)); store class ids instead, e.g. "
+     "np.argmax(y, axis=1)"),
     ({"y_test": np.array([0, 1, 2, 3])}, "y_test: labels must be < num_classes=3, got 3"),
     ({"y_train": np.array([0, 1, -1, 0, 0, 0])}, "y_train: labels must be >= 0, got -1"),
     ({"x_train": np.zeros((0, 5, 5, 2), np.float32), "y_train": np.zeros(0, np.int64)},
@@ -173,9 +181,13 @@ def test_load_npz_missing_and_bad_files(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_npz(tmp_path / "nope.npz")
     bad = tmp_path / "bad.npz"
-    bad.write_text("not a zip")
-    with pytest.raises(DataError, match="cannot read as .npz"):
+    bad.write_text("not a zip")  # numpy would answer with a message about allow_pickle
+    with pytest.raises(DataError, match=r"not an .npz archive .*first bytes are b'not a '"):
         load_npz(bad)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match="cannot read as .npz"):
+        load_npz(broken)
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
     with pytest.raises(DataError, match="single .npy array"):
@@ -193,8 +205,24 @@ def test_to_data_format():
     assert y[1, 4, 2, 3] == x[1, 2, 3, 4]
     with pytest.raises(ValueError, match="got 'NCHW'"):
         to_data_format(x, "NCHW")
-    with pytest.raises(ValueError, match=r"got shape \(3, 4, 5\)"):
-        to_data_format(x[0], "channels_first")
+    seq = x[0]  # (N, steps, features) -> (N, features, steps), as Keras' Conv1D
+    assert to_data_format(seq, "channels_first").shape == (3, 5, 4)
+    np.testing.assert_array_equal(to_data_format(seq[:, 0], "channels_first"), seq[:, 0])
+    with pytest.raises(ValueError, match=r"got shape \(5,\)"):
+        to_data_format(x[0, 0, 0], "channels_first")
+
+
+def test_load_npz_accepts_integer_valued_float_labels_and_tabular_and_sequence_x(tmp_path):
+    for x_shape in [(6, 7), (6, 4, 7)]:
+        arrays = {"x_train": np.ones(x_shape, np.float32), "x_test": np.ones((4,) + x_shape[1:],
+                                                                            np.float32),
+                  "y_train": np.array([0, 1, 2, 0, 1, 2], np.float64),
+                  "y_test": np.array([2, 1, 0, 0], np.float32)}
+        path = tmp_path / f"d{len(x_shape)}.npz"
+        np.savez(path, **arrays)
+        x_train, y_train, x_test, y_test = load_npz(path, num_classes=3)
+        assert x_train.shape == x_shape and y_train.dtype == np.int64
+        np.testing.assert_array_equal(y_test, [2, 1, 0, 0])
 
 
 # --- shuffling and sharding ----------------------------------------------------------------

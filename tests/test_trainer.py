@@ -459,3 +459,51 @@ def test_softmax_output_trains_with_from_logits_false(tmp_path):
     np.testing.assert_allclose(probs(p, y)[0], logits(z, y)[0], rtol=1e-12)
     code, out, err = run_quiet(write(tmp_path, text), run_dir=str(tmp_path / "o"))
     assert code == 0, err
+
+
+TABULAR = textwrap.dedent("""\
+    seed: 0
+    data: {name: npz, path: DATA, num_classes: 3}
+    model:
+      dtype: float64
+      layers: LAYERS
+    train:
+      from_logits: true
+      global_batch_size: 8
+      steps: 6
+      optimizer: {name: sgd, learning_rate: 0.1}
+    logging: {every_steps: 3, progress: lines}
+""")
+
+
+@pytest.mark.parametrize("x_shape,layers", [
+    ((40, 5), "[{type: Dense, units: 8}, {type: BatchNormalization}, {type: ReLU}, "
+              "{type: Dense, units: 3}]"),
+    ((40, 6, 5), "[{type: BatchNormalization}, {type: Dense, units: 4}, {type: Flatten}, "
+                 "{type: Dense, units: 3}]"),
+])
+def test_trains_on_tabular_and_sequence_npz_found_beside_the_config(tmp_path, monkeypatch,
+                                                                   x_shape, layers):
+    """2-D and 3-D .npz data used to be refused; data.path was taken from the working
+    directory, not the config's."""
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "project"
+    data_dir.mkdir()
+    np.savez(data_dir / "d.npz", x_train=rng.normal(size=x_shape),
+             y_train=rng.integers(0, 3, x_shape[0]).astype(np.float32),
+             x_test=rng.normal(size=(10,) + x_shape[1:]), y_test=rng.integers(0, 3, 10))
+    cfg = write(data_dir, TABULAR.replace("DATA", "d.npz").replace("LAYERS", layers))
+    monkeypatch.chdir(tmp_path)  # not the config's directory
+    code, out, err = run_quiet(cfg, run_dir=str(tmp_path / "o"))
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(data_dir / "d.npz")
+
+
+def test_missing_data_file_names_the_line_and_where_it_looked(tmp_path):
+    cfg = write(tmp_path, TABULAR.replace("DATA", "nope.npz").replace(
+        "LAYERS", "[{type: Dense, units: 3}]"))
+    code, _, err = run_quiet(cfg, run_dir=str(tmp_path / "o"))
+    assert code == 2
+    assert f"{cfg}:2:" in err and "data.path: data file 'nope.npz' not found" in err
+    assert f"looked for {tmp_path / 'nope.npz'} (relative to {tmp_path})" in err

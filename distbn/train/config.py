@@ -256,8 +256,9 @@ class DataConfig(_Section):
     Attributes:
         name: "patterns" (the embedded generated set, `data.make_patterns`) or "npz"
             (a user file with x_train, y_train, x_test, y_test; `data.load_npz`).
-        path: the .npz file (relative paths from the working directory); required for
-            "npz", not allowed for "patterns".
+        path: the .npz file, required for "npz", not allowed for "patterns". A relative
+            path is taken from the config file's directory (from the working directory
+            when it comes from `--set`); the resolved config holds the absolute path.
         n_train: patterns: samples to generate (default 10000); npz: use the first
             n_train samples (default: all). >= 1.
         n_test: as n_train for the test split (patterns default 2000). >= 1.
@@ -278,7 +279,16 @@ class DataConfig(_Section):
             if self.path is None:
                 raise ctx.error(path + ("path",), "required when data.name is 'npz'",
                                 at=path + ("name",))
-            return self
+            where = ctx.locate(path + ("path",))
+            base = "." if where.startswith("--set") or ctx.source.startswith("<") else (
+                os.path.dirname(os.path.abspath(ctx.source)))
+            full = os.path.normpath(os.path.join(base, os.path.expanduser(self.path)))
+            if not os.path.isfile(full):
+                relative = "" if os.path.isabs(self.path) else (
+                    f" (relative to {'the working directory' if base == '.' else base})")
+                raise ctx.error(path + ("path",), f"data file {self.path!r} not found: "
+                                                  f"looked for {full}{relative}")
+            return dataclasses.replace(self, path=os.path.abspath(full))
         if self.path is not None:
             raise ctx.error(path + ("path",),
                             f"only used when data.name is 'npz', got {self.path!r}")

@@ -214,8 +214,9 @@ def _check_x(name, x):
         raise DataError(f"{name}: expected a float or uint8 array, got dtype {x.dtype}")
     elif x.dtype == np.float16:
         x = x.astype(np.float32)  # computed in float32 anyway; avoid float16 sums
-    if x.ndim != 4:
-        raise DataError(f"{name}: expected a 4-D NHWC array, got shape {x.shape}")
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{name}: expected (N, features), (N, steps, features) or NHWC "
+                        f"images (N, height, width, channels), got shape {x.shape}")
     finite = np.isfinite(x)
     if not finite.all():
         bad = tuple(int(i) for i in np.argwhere(~finite)[0])
@@ -224,8 +225,17 @@ def _check_x(name, x):
 
 
 def _check_y(name, y, n, num_classes):
-    if y.dtype.kind not in "iu":
-        raise DataError(f"{name}: expected an integer label array, got dtype {y.dtype}")
+    if y.ndim == 2 and y.shape[0] == n and y.size and np.isin(y, (0, 1)).all() and (
+            y.sum(axis=1) == 1).all():
+        raise DataError(f"{name}: labels look one-hot (shape {y.shape}); store class ids "
+                        "instead, e.g. np.argmax(y, axis=1)")
+    if y.dtype.kind == "f":
+        bad = y != np.round(y)
+        if bad.any():
+            raise DataError(f"{name}: labels must be integer class ids, got "
+                            f"{y[bad].flat[0].item()!r} (dtype {y.dtype})")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"{name}: expected integer class labels, got dtype {y.dtype}")
     if y.ndim != 1:
         raise DataError(f"{name}: expected a 1-D label array, got shape {y.shape}")
     if y.shape[0] != n:
@@ -246,8 +256,9 @@ def load_npz(path, num_classes=None):
 
     Args:
         path: file with arrays `x_train, y_train, x_test, y_test` (other arrays are
-            ignored). x: NHWC float, or uint8 (scaled to float32 in [0, 1]); y: 1-D
-            integer class labels.
+            ignored). x: float, or uint8 (scaled to float32 in [0, 1]), of shape
+            (N, features), (N, steps, features) or NHWC (N, height, width, channels);
+            y: 1-D class ids (integers, or integer-valued floats).
         num_classes: if given, every label must lie in `[0, num_classes)`.
 
     Returns:
@@ -256,9 +267,15 @@ def load_npz(path, num_classes=None):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if not magic.startswith(b"PK") and not magic.startswith(b"\x93NUMPY"):
+        # np.load would try pickle on it and talk about allow_pickle
+        raise DataError(f"{path}: not an .npz archive (a zip of .npy arrays, as written by "
+                        f"np.savez); its first bytes are {magic!r}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except Exception as err:  # not a zip/npy: say which file
+    except Exception as err:  # a damaged zip: say which file
         raise DataError(f"{path}: cannot read as .npz: {err}") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: expected an .npz archive, got a single .npy array")
@@ -278,7 +295,7 @@ def load_npz(path, num_classes=None):
     x_test = _check_x(f"{path}: x_test", arrays["x_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(
-            f"{path}: x_test: image shape {x_test.shape[1:]} differs from "
+            f"{path}: x_test: sample shape {x_test.shape[1:]} differs from "
             f"x_train's {x_train.shape[1:]}"
         )
     if x_train.shape[0] == 0:
@@ -289,22 +306,24 @@ def load_npz(path, num_classes=None):
 
 
 def to_data_format(x, data_format):
-    """Convert an NHWC batch to the model's layout.
+    """Convert a channels-last batch to the model's layout.
 
     Args:
-        x: 4-D array in channels-last (NHWC) layout.
-        data_format: "channels_last" (returned unchanged) or "channels_first" (NCHW copy).
+        x: (N, features), (N, steps, features) or NHWC (N, height, width, channels).
+        data_format: "channels_last" (returned unchanged) or "channels_first" (a copy
+            with the channel axis second: (N, features, steps) or NCHW; 2-D unchanged).
 
     Returns:
-        The array in `data_format` layout (C-contiguous).
+        The array in `data_format` layout.
     """
     x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"to_data_format: expected a 4-D NHWC array, got shape {x.shape}")
-    if data_format == "channels_last":
+    if x.ndim not in (2, 3, 4):
+        raise ValueError(f"to_data_format: expected a 2-D, 3-D or 4-D array, got shape "
+                         f"{x.shape}")
+    if data_format == "channels_last" or x.ndim == 2:
         return x
     if data_format == "channels_first":
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return np.ascontiguousarray(np.moveaxis(x, -1, 1))
     raise ValueError(
         f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}"
     )
