@@ -327,13 +327,18 @@ def test_epochs_and_steps_together_is_an_error():
 
 # --- cross-field and layer checks --------------------------------------------------------
 
-def test_data_cross_checks():
+def test_data_cross_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.npz").write_bytes(b"")
     assert error_of(overrides=["data.name=npz"]) == \
         "--set data.name=npz: data.path: required when data.name is 'npz'"
     msg = error_of(edit("n_train: 100", "n_train: 100\n  path: x.npz"))
     assert msg == "config.yaml:5: data.path: only used when data.name is 'npz', got 'x.npz'"
     config = parse(overrides=["data.name=npz", "data.path=d.npz"])
     assert config.data.n_train == 100 and config.data.n_test is None
+    assert config.data.path == str(tmp_path / "d.npz")  # --set: from the working directory
+    assert "data.path: data file 'e.npz' not found: looked for" in error_of(
+        overrides=["data.name=npz", "data.path=e.npz"])
     assert "must be <= 10" in error_of(overrides=["data.num_classes=11"])
 
 
