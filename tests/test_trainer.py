@@ -333,7 +333,7 @@ def test_config_hash_mismatch_names_the_ranks(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow being tested
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # reported once, not by numpy
 def test_diverging_run_fails_with_exit_1(tmp_path):
     cfg = write(tmp_path, TINY.replace("learning_rate: 0.05", "learning_rate: 1e30"))
     code, _, err = run_quiet(cfg, run_dir=str(tmp_path / "out"))
@@ -507,3 +507,37 @@ def test_missing_data_file_names_the_line_and_where_it_looked(tmp_path):
     assert code == 2
     assert f"{cfg}:2:" in err and "data.path: data file 'nope.npz' not found" in err
     assert f"looked for {tmp_path / 'nope.npz'} (relative to {tmp_path})" in err
+
+
+def test_summary_after_a_resume_counts_this_run_and_the_total(tmp_path):
+    cfg = write(tmp_path, TINY)
+    run_dir = str(tmp_path / "out")
+    every = ["checkpoint.every_steps=3", "train.steps=6"]
+    assert run_quiet(cfg, every, run_dir=run_dir)[0] == 0
+    code, out, err = run_quiet(cfg, ["checkpoint.every_steps=3", "train.steps=7"],
+                               run_dir=run_dir)
+    assert code == 0, err
+    assert "done: 1 steps (resumed at step 6; 7 steps," in out
+
+
+def test_exploded_loss_is_warned_about(tmp_path, capsys):
+    cfg = write(tmp_path, TINY)
+    code, _, _ = run_quiet(cfg, ["train.optimizer.learning_rate=40", "train.steps=7",
+                                 "train.on_nonfinite=skip_step"], run_dir=str(tmp_path / "o"))
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "warning: the training loss grew from" in err and "diverged" in err
+    run_quiet(cfg, run_dir=str(tmp_path / "p"))  # a run that learns: no warning
+    assert "grew" not in capsys.readouterr().err
+
+
+class _PretendTwoRanks(LocalStrategy):
+    num_replicas_in_sync = 2
+
+
+@pytest.mark.parametrize("batch,warned", [(2, True), (4, False)])
+def test_replica_local_bn_with_one_sample_per_replica_is_warned_about(tmp_path, capsys,
+                                                                      batch, warned):
+    config = load_config(write(tmp_path, TINY), [f"train.global_batch_size={batch}"])
+    trainer.Trainer(config, _PretendTwoRanks(), out=io.StringIO())._header()
+    assert ("1 sample(s) per replica" in capsys.readouterr().err) == warned

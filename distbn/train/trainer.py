@@ -14,6 +14,7 @@ update. Regularization gradients are added on rank 0 only, so the sum has them o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import sys
@@ -47,6 +48,17 @@ class TrainingError(RuntimeError):
 def _is_bn(layer) -> bool:
     # By name, not isinstance: the trainer must not pin one BatchNormalization class.
     return type(layer).__name__ == "BatchNormalization"
+
+
+def _quiet_overflow(method):
+    """Run `method` without numpy's overflow/invalid warnings: non-finite values are the
+    trainer's to report (once, collectively, naming the step); numpy's warnings from
+    every rank would only come first."""
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return method(*args, **kwargs)
+    return quiet
 
 
 class Trainer:
@@ -149,6 +161,7 @@ class Trainer:
         self._started = True
 
     # --- one step ----------------------------------------------------------------------------
+    @_quiet_overflow
     def train_step(self) -> dict:
         """Run one optimizer step (collective).
 
@@ -402,6 +415,7 @@ class Trainer:
         if self.run_dir is not None:
             self.run_dir.log(record)
 
+    @_quiet_overflow
     def fit(self) -> dict:
         """Train to `total_steps`, evaluating every `train.eval_every` steps and at the
         end; average replica-local BN statistics; save model.npz (collective).
@@ -413,6 +427,7 @@ class Trainer:
         """
         cfg = self.config
         self._start()
+        first_step = self.step  # a resumed run starts past 0
         progress = make_progress(cfg.logging.progress, self.rank, self.total_steps,
                                  self.verbose, self.out)
         self._header()
@@ -474,6 +489,7 @@ class Trainer:
         totals = self._epoch_totals
         summary = {
             "steps": self.step,
+            "steps_this_run": self.step - first_step,
             "epochs": self.step / per_epoch,
             "train_loss": totals[0] / totals[2] + self.model.regularization_loss
             if totals[2] else None,
@@ -487,7 +503,19 @@ class Trainer:
             "model_file": model_file,
         }
         self._print_summary(summary)
+        self._warn_if_diverged()
         return summary
+
+    def _warn_if_diverged(self) -> None:
+        """A finite loss that ended well above where it started: say so (rank 0)."""
+        train = [r for r in self.history if r.get("split") == "train"
+                 and r.get("loss") is not None and math.isfinite(r["loss"])]
+        if self.rank == 0 and len(train) >= 2 and train[-1]["loss"] > 2.0 * train[0]["loss"]:
+            print(f"[rank 0] warning: the training loss grew from {train[0]['loss']:.4g} "
+                  f"(step {train[0]['step']}) to {train[-1]['loss']:.4g} (step "
+                  f"{train[-1]['step']}): training diverged; "
+                  "lower train.optimizer.learning_rate or set "
+                  "train.optimizer.global_clipnorm", file=sys.stderr, flush=True)
 
     # --- checkpoints and preemption -----------------------------------------------------------
     def _stop_requested(self) -> int:
@@ -690,6 +718,13 @@ class Trainer:
                     f"{self.run_dir_path or '(none)'}")
         if self.verbose:
             print(self.model.summary(), file=self.out or sys.stdout, flush=True)
+        per_replica = cfg.train.global_batch_size // self.world
+        if self.world > 1 and per_replica <= 1 and any(not la.synchronized for la in bn):
+            print(f"[rank 0] warning: replica-local BatchNormalization with "
+                  f"{per_replica} sample(s) per replica (global batch "
+                  f"{cfg.train.global_batch_size} over {self.world} ranks): its batch "
+                  "statistics come from a single sample; use synchronized: true or a "
+                  "larger train.global_batch_size", file=sys.stderr, flush=True)
 
     def _print_summary(self, s) -> None:
         if self.rank != 0:
@@ -698,8 +733,13 @@ class Trainer:
         def num(v, fmt):
             return "n/a" if v is None else format(v, fmt)
 
-        self._print(f"done: {s['steps']} steps ({s['epochs']:.3g} epochs) in "
-                    f"{s['wall_time']:.1f} s on {self.world} rank(s), "
+        if s["steps_this_run"] == s["steps"]:
+            steps = f"{s['steps']} steps ({s['epochs']:.3g} epochs)"
+        else:
+            steps = (f"{s['steps_this_run']} steps (resumed at step "
+                     f"{s['steps'] - s['steps_this_run']}; {s['steps']} steps, "
+                     f"{s['epochs']:.3g} epochs in all)")
+        self._print(f"done: {steps} in {s['wall_time']:.1f} s on {self.world} rank(s), "
                     f"{num(s['samples_per_sec'], '.0f')} samples/s")
         self._print(f"train loss {num(s['train_loss'], '.4f')} acc "
                     f"{num(s['train_accuracy'], '.4f')} (running mean over the last epoch)")
