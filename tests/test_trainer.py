@@ -541,3 +541,25 @@ def test_replica_local_bn_with_one_sample_per_replica_is_warned_about(tmp_path, 
     config = load_config(write(tmp_path, TINY), [f"train.global_batch_size={batch}"])
     trainer.Trainer(config, _PretendTwoRanks(), out=io.StringIO())._header()
     assert ("1 sample(s) per replica" in capsys.readouterr().err) == warned
+
+
+def test_first_run_says_the_kernels_compile(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+
+    from distbn import ops
+    from distbn.ops import fused
+
+    empty = tmp_path / "numba-cache"
+    empty.mkdir()
+    probe = "from distbn.ops import fused; print(fused.cache_is_warm())"
+    cold = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**__import__("os").environ, "NUMBA_CACHE_DIR": str(empty)})
+    assert cold.stdout.strip() == "False", cold.stderr
+    monkeypatch.setattr(ops, "backend_name", lambda: "numba")
+    monkeypatch.setattr(ops, "kernels", lambda: fused)
+    monkeypatch.setattr(fused, "cache_is_warm", lambda: False)
+    assert run_quiet(write(tmp_path, TINY), run_dir=str(tmp_path / "o"))[0] == 0
+    assert "compiling the BN kernels (numba; first run after install only" in \
+        capsys.readouterr().err

@@ -36,7 +36,7 @@ from distbn.ops import batch_norm as _ref
 __all__ = [
     "local_mean_m2", "normalize", "backward_sums", "input_grad", "inverse_std",
     "reduce_axes_for", "shifted_sums", "pack_moments", "unpack_moments", "moments_from_sums",
-    "local_moments", "compile_seconds", "lock_wait_seconds", "fused_geometry",
+    "local_moments", "compile_seconds", "lock_wait_seconds", "fused_geometry", "cache_is_warm",
     "update_moving", "train_forward", "train_backward",
 ]
 
@@ -133,6 +133,16 @@ def compile_seconds() -> float:
 def lock_wait_seconds() -> float:
     """Seconds this process waited for other processes compiling the same kernels."""
     return _first_call["wait"]
+
+
+def cache_is_warm() -> bool:
+    """Whether numba's disk cache holds compiled kernels of this install; False means
+    the first calls compile them (about 12 s on one core, once per install)."""
+    try:  # numba internals: the directory its cache index files go to
+        cache_dir = _k.rows_moments._cache._cache_path
+        return any(n.endswith(".nbi") for n in os.listdir(cache_dir))
+    except (AttributeError, OSError):
+        return False
 
 
 def _lock_path(kernel) -> str:

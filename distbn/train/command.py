@@ -99,14 +99,18 @@ def _training_strategy(world, config):
                        stall_timeout=config.strategy.stall_timeout)
 
 
-def _check_kernels() -> tuple | None:
-    """The kernel backend (DISTBN_KERNELS) loads: checked before anything is written."""
+def _check_kernels(announce) -> tuple | None:
+    """The kernel backend (DISTBN_KERNELS) loads: checked before anything is written.
+    With `announce`, say when the first steps will compile the kernels."""
     from distbn import ops
 
     try:
-        ops.kernels()
+        kern = ops.kernels()
     except (ImportError, ValueError, RuntimeError) as exc:  # a typo; numba that won't load
         return (EXIT_USAGE, str(exc))
+    if announce and ops.backend_name() == "numba" and not kern.cache_is_warm():
+        print("compiling the BN kernels (numba; first run after install only, about 12 s)",
+              file=sys.stderr, flush=True)
     return None
 
 
@@ -198,7 +202,7 @@ def run(config_path, overrides=(), run_dir=None, verbose=False, strategy=None, o
         config = load_config(config_path, overrides)
     except ConfigError as exc:
         problem = (EXIT_USAGE, str(exc))
-    problem = problem or _check_kernels()
+    problem = problem or _check_kernels(announce=rank == 0)
     if problem is None and rank == 0:
         try:
             path = check_run_dir(run_dir if run_dir is not None
