@@ -47,7 +47,8 @@ def find_mpiexec(explicit: str | None = None) -> str:
         return on_path
     raise FileNotFoundError(
         f"no mpiexec found (looked at $DISTBN_MPIEXEC, {candidates[-1]}, and PATH); "
-        "install the wheel with `pip install 'distbn[mpich]'` or load your site's MPI"
+        "install MPICH from PyPI (`pip install mpich`, or `pip install -e '.[mpich]'` in "
+        "the distbn clone) or load your site's MPI (e.g. `module load mpich`)"
     )
 
 
