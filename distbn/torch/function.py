@@ -68,7 +68,28 @@ def _reduce_axes(ndim, perm):
 
 def _channel_f64(t):
     """A per-channel tensor (parameter or buffer) as a float64 numpy array (a copy)."""
-    return None if t is None else t.detach().to(torch.float64).numpy().copy()
+    if t is None:
+        return None
+    if t.dtype in _NATIVE:  # numpy's conversion: a few times cheaper than torch's .to
+        return np.array(t.detach().numpy(), dtype=_F64)
+    return t.detach().to(torch.float64).numpy()
+
+
+def _assign(buffer, value):
+    """Write a float64 numpy array into a per-channel tensor (rounded to its dtype)."""
+    if buffer.dtype in _NATIVE:
+        buffer.detach().numpy()[...] = value
+    else:
+        buffer.copy_(torch.from_numpy(value))
+
+
+def _grad_tensor(sums_row, dtype):
+    """A float64 row of the backward sums as a gradient tensor of `dtype`."""
+    if dtype == torch.float64:
+        return torch.from_numpy(np.ascontiguousarray(sums_row))
+    if dtype == torch.float32:
+        return torch.from_numpy(sums_row.astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(sums_row)).to(dtype)
 
 
 def _check_values_per_channel(count, x, group_size):
@@ -105,12 +126,14 @@ def _update_running(running_mean, running_var, count, mean, var, momentum):
     n = float(count.flat[0]) if count.size else 0.0
     if n <= 0:
         return
-    if running_mean is not None:
-        new = (1.0 - momentum) * _channel_f64(running_mean) + momentum * mean
-        running_mean.copy_(torch.from_numpy(new))
-    if running_var is not None:
-        new = (1.0 - momentum) * _channel_f64(running_var) + momentum * (var * (n / (n - 1.0)))
-        running_var.copy_(torch.from_numpy(new))
+    for buffer, stat in ((running_mean, mean), (running_var, var * (n / (n - 1.0)))):
+        if buffer is None:
+            continue
+        if buffer.dtype in _NATIVE:  # in place through numpy, the arithmetic in float64
+            old = buffer.detach().numpy()
+            old[...] = (1.0 - momentum) * old.astype(_F64) + momentum * stat
+        else:
+            _assign(buffer, (1.0 - momentum) * _channel_f64(buffer) + momentum * stat)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -132,13 +155,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         elif group is None:
             _check_values_per_channel(xn.size // max(x.shape[1], 1), x, 1)
             # The fused one-call forward; its Keras-style moving update goes to scratch
-            # copies (PyTorch's update differs), which also normalise an empty batch.
-            scratch_mean = (np.zeros(x.shape[1]) if running_mean is None
-                            else _channel_f64(running_mean))
-            scratch_var = (np.ones(x.shape[1]) if running_var is None
-                           else _channel_f64(running_var))
+            # arrays (PyTorch's rule differs; they only stand in for an empty batch,
+            # whose output is empty).
             y, count, mean, var = kern.train_forward(xn, red, None, gamma, beta, eps,
-                                                     scratch_mean, scratch_var, 1.0)
+                                                     np.zeros(x.shape[1]),
+                                                     np.ones(x.shape[1]), 1.0)
         else:
             # The shift must be the same on every replica: the running mean is (the
             # buffers are broadcast by DDP), zeros without one.
@@ -165,7 +186,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         (work,) = ctx.saved_tensors
         perm, red, mean, inv_std, gamma, count, group, in_dtype = ctx.meta
         xn = _as_layout(work, perm).detach().numpy()
-        dyn = _as_layout(dy.to(work.dtype), perm).numpy()
+        dyn = _as_layout(dy if dy.dtype == work.dtype else dy.to(work.dtype), perm).numpy()
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
         kern = _ops.kernels()
         sums = dx = None
@@ -189,9 +210,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 grad_x = grad_x.to(in_dtype)
         # weight/bias gradients: this replica's local sums (DDP or the trainer sums them).
         if need_w:
-            grad_w = torch.from_numpy(np.ascontiguousarray(sums[1])).to(ctx.weight_dtype)
+            grad_w = _grad_tensor(sums[1], ctx.weight_dtype)
         if need_b:
-            grad_b = torch.from_numpy(np.ascontiguousarray(sums[0])).to(ctx.bias_dtype)
+            grad_b = _grad_tensor(sums[0], ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
