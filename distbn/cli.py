@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
-import signal
-import subprocess
 import sys
 
 __all__ = ["main"]
@@ -69,6 +66,7 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    from distbn.launcher import run_group
     from distbn.mpiexec import mpiexec_command, one_thread_env
     from distbn.train.progress import TTY_ENV
 
@@ -96,42 +94,24 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         typed += [flag, value] if value is not None else []
     env[COMMAND_ENV] = shlex.join([*typed, *_train_argv(args)])
     print(f"distbn launch: {shlex.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
-    with _forward_stop_signals(proc):
-        returncode = proc.wait()
-    return returncode if returncode >= 0 else 128 - returncode
-
-
-@contextlib.contextmanager
-def _forward_stop_signals(proc):
-    """While mpiexec runs, turn stop signals sent to this launcher into a graceful stop.
-
-    SIGTERM and SIGUSR1 are passed on to mpiexec as SIGUSR1, which mpiexec forwards to
-    the ranks (Hydra ends the ranks at once on SIGTERM, before they can checkpoint); the
-    ranks then checkpoint at the next step and exit 75. SIGINT is not forwarded: from a
-    terminal, mpiexec gets it too. The launcher waits for mpiexec and returns its code.
-    """
-    def forward(signum, frame):
-        if signum != signal.SIGINT and proc.poll() is None:
-            proc.send_signal(signal.SIGUSR1)
-
-    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-    previous = {s: signal.signal(s, forward) for s in stops}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    # mpiexec and the ranks in their own process group; SIGTERM/SIGUSR1 sent to this
+    # launcher reach the ranks as SIGUSR1 (they checkpoint and exit 75: Hydra would end
+    # them at once on SIGTERM), Ctrl-C as SIGINT, a second Ctrl-C stops the group.
+    return run_group(cmd, env=env, forward_signals=True).exit_code
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from distbn.plot import PlotError, plot_run
 
+    notes = []
     try:
-        out = plot_run(args.run_dir, args.out)
+        out = plot_run(args.run_dir, args.out, notes=notes)
     except PlotError as exc:
         print(f"distbn plot: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for note in notes:
+            print(f"distbn plot: note: {note}", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 
@@ -189,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_launch)
 
     p = sub.add_parser("plot", help="loss and accuracy curves of a run as a PNG "
-                                    "(needs matplotlib: pip install 'distbn[plot]')")
+                                    "(needs matplotlib: pip install matplotlib)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
     p.add_argument("--out", metavar="PNG", help="where to write (default RUN_DIR/metrics.png)")
     p.set_defaults(func=_cmd_plot)

@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from distbn.launchenv import world_rank
+
 __all__ = ["FAULT_ENV_VAR", "POINTS", "FaultInjected", "FaultSpec", "parse_fault", "maybe_fail"]
 
 FAULT_ENV_VAR = "DISTBN_FAULT"
@@ -116,7 +118,7 @@ def maybe_fail(point: str) -> None:
             spec = _parsed[text] = parse_fault(text)
         if spec.point != point:
             return
-        rank = _world_rank()
+        rank = world_rank()
         if spec.rank is not None and spec.rank != rank:
             return
         _hits[point] = count = _hits.get(point, 0) + 1
@@ -132,18 +134,6 @@ def maybe_fail(point: str) -> None:
         time.sleep(spec.seconds)
         return
     raise FaultInjected(f"injected fault at {where}")
-
-
-def _world_rank() -> int:
-    """This process's COMM_WORLD rank, without initialising MPI: 0 when not under MPI."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        return mpi.COMM_WORLD.Get_rank()
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
-        value = os.environ.get(var, "").strip()
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def _reset() -> None:

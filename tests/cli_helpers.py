@@ -1,16 +1,14 @@
 """Run the `distbn` command in a subprocess with a hard timeout (its process group is
-killed on expiry, so a hang fails the test instead of the suite)."""
+stopped on expiry by `distbn.launcher`, so a hang fails the test instead of the suite)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from distbn.launcher import run_group
 from distbn.mpiexec import mpiexec_command, one_thread_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,21 +40,11 @@ def mpiexec_python(nprocs: int, args, timeout: float = 60, via_mpi4py: bool = Tr
 
 
 def run(cmd, timeout: float, cwd=None, env=None) -> Result:
-    """Run `cmd` in its own process group, killed whole after `timeout` seconds."""
+    """Run `cmd` in its own process group, stopped whole after `timeout` seconds
+    (`distbn.launcher`'s policy: SIGTERM to the group, a grace period, SIGKILL)."""
     full_env = one_thread_env(env)
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.pop("DISTBN_CHECK_COLLECTIVES", None)
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        list(map(str, cmd)), cwd=cwd or REPO, env=full_env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # own process group: a timeout kills mpiexec and every rank
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        timed_out = True
-    return Result(proc.returncode, out, err, time.monotonic() - start, timed_out)
+    res = run_group(cmd, cwd=cwd or REPO, env=full_env, timeout=timeout,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return Result(res.returncode, res.stdout, res.stderr, res.seconds, res.timed_out)

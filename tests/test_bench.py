@@ -7,8 +7,6 @@ asserted.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,22 +27,18 @@ from distbn.bench.results import (
 from distbn.bench.scaling import derive_efficiency
 from distbn.bench.timing import Stats
 from distbn.cli import main
+from distbn.launcher import run_group
 
 PASSES = ("forward", "backward", "forward_backward")
 
 
 def _run(argv, timeout):
-    """`python -m distbn ...` in its own process group, killed whole on timeout."""
-    proc = subprocess.Popen([sys.executable, "-m", "distbn", *argv], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"distbn {' '.join(argv)} timed out; stderr:\n{err[-4000:]}")
-    return proc.returncode, out, err
+    """`python -m distbn ...` in its own process group, stopped whole on timeout."""
+    res = run_group([sys.executable, "-m", "distbn", *argv], cwd=REPO, timeout=timeout,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if res.timed_out:
+        pytest.fail(f"distbn {' '.join(argv)} timed out; stderr:\n{res.stderr[-4000:]}")
+    return res.returncode, res.stdout, res.stderr
 
 
 def _by(records, name=None, metric=None, world_size=None):
@@ -61,10 +55,20 @@ def test_kernel_suite_without_torch(monkeypatch, capsys):
     assert "torch is not importable; skipping" in capsys.readouterr().err
     for rec in records:
         validate_record(rec)
-    copy = _by(records, "kernel.copy", "bandwidth")
-    assert len(copy) == 1 and copy[0]["value"] > 0 and copy[0]["unit"] == "GB/s"
-    assert not [r for r in records if r["metric"].startswith("torch")]
     n_cases = len(kernel.cases("tiny"))
+    # The copy the ratios use: one per case, of an array of the case's input size.
+    copy = _by(records, "kernel.copy", "bandwidth")
+    assert len(copy) == n_cases and all(r["value"] > 0 and r["unit"] == "GB/s" for r in copy)
+    for rec in copy:
+        nbytes = np.prod(rec["params"]["shape"]) * np.dtype(rec["params"]["dtype"]).itemsize
+        assert rec["params"]["bytes"] == 2 * nbytes
+        assert rec["spread"]["repeats"] == _by(records, "kernel.forward", "time")[0][
+            "spread"]["repeats"]  # timed in the same rounds as the passes
+    assert not [r for r in records if r["metric"].startswith("torch")]
+    for name in ("kernel.stats", "kernel.normalize"):  # the forward's two passes alone
+        assert len(_by(records, name, "time")) == n_cases
+    two = _by(records, "kernel.forward", "two_pass_copy_fraction")
+    assert len(two) == n_cases and all(r["value"] > 0 for r in two)
     for pas in PASSES:
         times = _by(records, f"kernel.{pas}", "time")
         assert len(times) == n_cases
@@ -267,3 +271,24 @@ def test_sbatch_script_parses():
     text = script.read_text()
     assert "srun --mpi=pmix --kill-on-bad-exit=1" in text
     assert "#SBATCH --cpus-per-task=1" in text and "-m distbn bench" in text
+
+
+def test_kernel_suite_thread_counts_and_copy_ratio_per_round(monkeypatch):
+    from distbn.bench import timing
+
+    calls = []
+    real = timing.sample_interleaved
+
+    def spy(fns, *args, **kwargs):
+        calls.append(list(fns))
+        return real(fns, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "sample_interleaved", spy)
+    monkeypatch.setattr(kernel, "cases", lambda mode: [
+        {"shape": (8, 4), "dtype": "float32", "layout": "features", "axis": -1}])
+    monkeypatch.setitem(sys.modules, "torch", None)
+    records = kernel.run(Context("tiny"), threads=[1, 2])
+    # The copy is timed in turn with the kernels, in one interleaved run per case.
+    assert all(c[0] == "copy" and "forward" in c for c in calls) and len(calls) == 2
+    fwd = _by(records, "kernel.forward", "copy_fraction")
+    assert len(fwd) == 2 and {r["params"]["threads"] for r in fwd} <= {1, 2}

@@ -1,41 +1,38 @@
-"""`python -m distbn.ops.measure`: the record it reports, on a small input."""
+"""`distbn bench kernel`'s measurements that `python -m distbn.ops.measure` used to take:
+peak memory with both outputs kept, the cold-start record, the command line options."""
 
 from __future__ import annotations
 
-import json
-
+import numpy as np
 import pytest
 
-from distbn.ops import measure
+import distbn
+from distbn.bench import Context, kernel
+from distbn.cli import build_parser
 
 
-@pytest.mark.parametrize("shape,axis", [((8, 4, 4, 8), -1), ((8, 8, 4, 4), 1)])
-def test_measure_layer_record(shape, axis):
-    rec = measure.measure_layer(shape, axis, threads=1, rounds=1)
-    for key in ("copy_s", "stats_s", "normalize_s", "fwd_s", "fwdbwd_s"):
-        assert rec[key] > 0, key
-    assert rec["fwd_copy_fraction"] == pytest.approx(rec["copy_s"] / rec["fwd_s"])
-    assert rec["two_pass_copy_fraction"] == pytest.approx(
-        rec["copy_s"] / (rec["stats_s"] + rec["normalize_s"]))
-    nbytes = 4 * 8 * 4 * 4 * 8
-    assert rec["input_bytes"] == nbytes
-    assert rec["peak_extra_bytes"] >= 2 * nbytes  # y and dx at least
-    assert ("fwdbwd_vs_torch" in rec) == ("torch_fwdbwd_s" in rec)
+def test_peak_extra_bytes_keeps_both_outputs():
+    x = np.random.default_rng(0).standard_normal((8, 4, 4, 8)).astype("float32")
+    bn = distbn.BatchNormalization()
+    bn(x, training=True)
+    assert kernel.peak_extra_bytes(bn, x, x) >= 2 * x.nbytes  # y and dx at least
 
 
-def test_main_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
-    import distbn.memory
+def test_cold_start_record(monkeypatch):
+    monkeypatch.setattr(kernel, "cold_start", lambda n: {
+        "wall_s": 3.0, "compile_s": [2.0, 2.5], "lock_wait_s": [0.0, 1.5], "ok": True,
+        "same_result": True, "errors": []})
+    (rec,) = kernel._cold_start_records(Context("tiny"), 2)
+    assert rec["name"] == "kernel.cold_start" and rec["value"] == pytest.approx(2.25)
+    assert rec["spread"]["max"] == 2.5 and rec["params"]["processes"] == 2
+    monkeypatch.setattr(kernel, "cold_start", lambda n: {
+        "wall_s": 3.0, "compile_s": [2.0], "lock_wait_s": [0.0], "ok": False,
+        "same_result": True, "errors": ["boom"]})
+    with pytest.raises(RuntimeError, match="boom"):
+        kernel._cold_start_records(Context("tiny"), 2)
 
-    monkeypatch.setattr(measure, "LAYOUTS", (("tiny", (4, 3, 3, 8), -1),))
-    # The tool keeps freed memory for the whole process: not for the test process.
-    calls = []
-    monkeypatch.setattr(distbn.memory, "retain_freed_memory", lambda: calls.append(1))
-    out = tmp_path / "m.json"
-    assert measure.main(["--threads", "1", "--rounds", "1", "--json", str(out)]) == 0
-    assert calls == [1]
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:4] == ["layout", "thr", "copy", "GB/s"]
-    assert lines[2].split()[:2] == ["tiny", "1"]
-    saved = json.loads(out.read_text())
-    assert saved["machine"]["malloc"] in ("retain", "default")
-    assert [r["layout"] for r in saved["records"]] == ["tiny"]
+
+def test_bench_kernel_options_parse():
+    args = build_parser().parse_args(["bench", "kernel", "--threads", "1,2", "--cold-start",
+                                      "4"])
+    assert args.threads == "1,2" and args.cold_start == 4 and args.suites == ["kernel"]

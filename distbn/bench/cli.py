@@ -29,7 +29,8 @@ configs/quickstart.yaml, shipped in the package, at each world size). Default: a
 Run as one process, it measures each world size of --ranks through mpiexec (one rank
 per core, one thread per rank). Under mpiexec/srun with more than one rank, or with
 --no-launch, it measures at that job's world size only. Writes DIR/results.json and
-DIR/report.md (plus PNG plots when matplotlib is installed).
+DIR/report.md (plus PNG plots when matplotlib is installed; without it, a line says
+how to get them).
 
 `distbn bench report DIR... [--out OUT]` merges result directories (e.g. jobs on
 different node counts) into one report: written to OUT, or printed."""
@@ -64,6 +65,12 @@ def add_parser(sub) -> None:
                         "configs/quickstart.yaml)")
     p.add_argument("--mpiexec", metavar="PATH",
                    help="the mpiexec to launch with (default: $DISTBN_MPIEXEC, the venv's, PATH)")
+    p.add_argument("--threads", metavar="1,2,...",
+                   help="kernel suite: thread counts to measure at (default: the kernel "
+                        "backend's, one per rank under distbn's launchers)")
+    p.add_argument("--cold-start", type=int, default=0, metavar="N",
+                   help="kernel suite: also time N processes compiling the numba kernels at "
+                        "once from an empty cache")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="seconds allowed per world size (default: no limit)")
     # Internal: minimal sizes for the tests, and parts that the parent merges itself.
@@ -87,6 +94,10 @@ def _command_line(args, suites) -> str:
         argv.append("--tiny")
     if args.ranks:
         argv += ["--ranks", args.ranks]
+    if args.threads:
+        argv += ["--threads", args.threads]
+    if args.cold_start:
+        argv += ["--cold-start", str(args.cold_start)]
     if args.out:
         argv += ["--out", args.out]
     return shlex.join(argv + list(suites))
@@ -97,7 +108,8 @@ def _cmd_report(args) -> int:
     from distbn.bench.results import write_results
 
     dirs = args.suites[1:]
-    extra = [f for f in ("quick", "tiny", "no_launch", "ranks", "scaling_config")
+    extra = [f for f in ("quick", "tiny", "no_launch", "ranks", "scaling_config", "threads",
+                         "cold_start")
              if getattr(args, f)]
     if extra:
         return _error(f"`bench report` takes DIR... and --out only, got --"
@@ -118,6 +130,9 @@ def _cmd_report(args) -> int:
         return 0
     write_results(args.out, merged["environment"], merged["records"])
     paths = write_report(merged, args.out)
+    from distbn.bench.runner import note_missing_plots
+
+    note_missing_plots()
     print(f"distbn bench: merged {len(dirs)} result dir(s), {len(merged['records'])} records "
           f"-> {args.out}/results.json, " + ", ".join(str(p) for p in paths), flush=True)
     return 0
@@ -143,6 +158,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         suites = runner.parse_suites(args.suites)
         ranks = runner.parse_ranks(args.ranks) if args.ranks else runner.default_ranks(
             mode != "full")
+        args.kernel_threads = runner.parse_ranks(args.threads, "--threads") \
+            if args.threads else None
+        if args.cold_start < 0:
+            raise ValueError(f"--cold-start must be >= 0 processes, got {args.cold_start}")
     except ValueError as exc:
         problem = str(exc)
     if problem is None and "scaling" in suites:
@@ -168,9 +187,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out or runner.default_out_dir()
     try:
         results, failures = runner.launch_all(suites, ranks, mode, out, args.scaling_config,
-                                              mpiexec=args.mpiexec, timeout=args.timeout)
+                                              mpiexec=args.mpiexec, timeout=args.timeout,
+                                              kernel_threads=args.kernel_threads,
+                                              cold_start=args.cold_start)
     except FileNotFoundError as exc:  # no mpiexec: say where we looked
         return _error(str(exc))
+    except KeyboardInterrupt:  # the running world size's group is stopped already
+        print("distbn bench: interrupted", file=sys.stderr, flush=True)
+        return 130
     if results is None:
         _error("no world size completed: " + "; ".join(failures))
         return 1
@@ -205,7 +229,8 @@ def _run_here(args, suites, mode, ranks, command) -> int:
               f"at its world size {comm.size}", file=sys.stderr, flush=True)
     # Rank 0 picks the directory (a timestamp could differ between ranks).
     out = comm.bcast(args.out or runner.default_out_dir(), root=0)
-    results = runner.measure(suites, mode, comm, args.scaling_config)
+    results = runner.measure(suites, mode, comm, args.scaling_config,
+                             kernel_threads=args.kernel_threads, cold_start=args.cold_start)
     if comm.rank == 0:
         results["environment"]["command"] = command
         paths = runner.finish(results, out, report=not args.no_report)

@@ -1,30 +1,50 @@
 """Suite `kernel`: BatchNormalization forward/backward speed on one process, against the
 machine's copy bandwidth and PyTorch's CPU `batch_norm`, measured in the same run.
 
-What is timed is the replica-local layer in training mode, as a training step calls it:
-`bn(x, training=True)` (statistics, moving-average update, normalisation) and
-`bn.backward(dy)` (dx plus gamma/beta gradients), so whichever kernel backend
-`distbn.ops` has active is what gets measured.
+    distbn bench kernel [--threads 1,2] [--cold-start N]
 
-Effective bytes (the least memory traffic the pass needs; the real traffic is higher,
-e.g. the two-pass statistics read x twice more): forward reads x and writes y, 2 * nbytes;
-backward reads x and dy and writes dx, 3 * nbytes; forward+backward 5 * nbytes.
-Effective bandwidth = effective bytes / median time, in GB/s (10^9 bytes/s). The copy
-bandwidth is `np.copyto(dst, src)` of a large array, counted the same way (src read +
-dst written = 2 * nbytes per copy), so `copy_fraction` is the fraction of what the
-memory system gives a plain copy.
+For each case (shape, dtype, layout) and thread count, the operations below are timed in
+turn, one sample of each per round (`timing.sample_interleaved`, with untimed settling
+calls before each sample so each is seen in its steady state), and every ratio is taken
+per round, so both sides saw the same moment of the machine:
 
-PyTorch (when importable): `torch.nn.functional.batch_norm(x, running_mean, running_var,
-weight, bias, training=True)` on the same memory (a channels-last numpy array becomes
-an NCHW tensor with channels-last strides, which torch's CPU kernel handles natively),
-inputs requiring grad as in training; backward through `torch.autograd.grad`, with
-`torch.set_num_threads` equal to the threads distbn's backend uses. distbn and torch are
-timed alternately, and `torch_ratio` is the median of the per-pair ratios
-distbn time / torch time (below 1: distbn is faster).
+* `copy`: `np.copyto` of an array of the input's size (the copy bandwidth the ratios use:
+  same size, same method, same run as the kernels);
+* `stats` and `normalize`: the active backend's two forward passes alone
+  (`local_mean_m2`, `normalize`);
+* `forward`: the replica-local layer in training mode, `bn(x, training=True)`
+  (statistics, moving-average update, normalisation, casts); `backward`: `bn.backward(dy)`
+  (dx plus gamma/beta gradients); `forward_backward`: both;
+* PyTorch (when importable): `torch.nn.functional.batch_norm(x, running_mean,
+  running_var, weight, bias, training=True)` on the same memory (a channels-last numpy
+  array becomes an NCHW tensor with channels-last strides, which torch's CPU kernel
+  handles natively), inputs requiring grad, backward through `torch.autograd.grad`, at
+  the same thread count (`torch.set_num_threads`).
+
+Effective bytes (the least memory traffic a pass needs): copy 2 * nbytes, stats 1x,
+normalize and forward 2x (read x, write y), backward 3x (x, dy, dx), forward+backward 5x.
+Bandwidth = effective bytes / time (GB/s, 10^9 bytes/s); `copy_fraction` = bandwidth /
+the copy's bandwidth; `two_pass_copy_fraction` (on `kernel.forward`) = copy time /
+(stats + normalize time): the forward's fraction with nothing but its two passes;
+`torch_ratio` = distbn time / torch time (below 1: distbn is faster). `peak_extra_memory`
+(on `kernel.forward_backward`): the most numpy allocates during one training
+forward+backward with both outputs kept (tracemalloc; numba's per-block partial sums,
+`kernel_scratch_bytes` in the params, are not traced).
+
+`--cold-start N` also starts N processes at once on an empty numba cache and records the
+seconds each spent compiling (or loading what another just wrote) the kernels of its first
+training step (`kernel.cold_start`); all must succeed with the same results.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
 import tracemalloc
 
 import numpy as np
@@ -32,14 +52,17 @@ import numpy as np
 from distbn.bench.context import Context
 from distbn.bench.environment import kernel_backend, kernel_backend_info
 from distbn.bench.results import make_record
-from distbn.bench.timing import Stats
+from distbn.bench.timing import Stats, sample_interleaved
 
-__all__ = ["NAME", "cases", "copy_bandwidth", "run"]
+__all__ = ["NAME", "PASSES", "cases", "peak_extra_bytes", "cold_start", "run"]
 
 NAME = "kernel"
 
-#: Effective bytes per pass, in units of the input's nbytes (see the module docstring).
-_BYTES_FACTOR = {"forward": 2, "backward": 3, "forward_backward": 5}
+#: The layer's passes, timed against torch's; `copy`, `stats`, `normalize` are timed too.
+PASSES = ("forward", "backward", "forward_backward")
+#: Effective bytes per operation, in units of the input's nbytes (see the module docstring).
+_BYTES_FACTOR = {"copy": 2, "stats": 1, "normalize": 2, "forward": 2, "backward": 3,
+                 "forward_backward": 5}
 _US = 1e6
 
 
@@ -86,52 +109,48 @@ def _import_torch():
     return torch
 
 
-def copy_bandwidth(ctx: Context) -> tuple:
-    """Measure `np.copyto` bandwidth: (record, median GB/s).
+def _set_threads(threads: int, torch) -> int:
+    """Run the kernels (numba) and torch on `threads` threads; returns the count in use."""
+    if kernel_backend() == "numba":
+        import numba
 
-    Args:
-        ctx: the run context (only its mode and progress output are used).
-
-    Returns:
-        (record, bandwidth in GB/s).
-    """
-    nbytes = ctx.pick(256, 64, 1) * 2**20
-    src = np.random.default_rng(0).standard_normal(nbytes // 8)
-    dst = np.empty_like(src)
-    repeats, warmup = ctx.pick(20, 10, 3), ctx.pick(3, 2, 1)
-    inner = 1 if ctx.mode != "tiny" else 10
-    t = ctx.time(lambda: np.copyto(dst, src), repeats, warmup, inner)
-    moved = 2 * src.nbytes  # read src + write dst
-    bw = t.map(lambda s: moved / s / 1e9)
-    rec = make_record("kernel.copy", "bandwidth", bw, "GB/s", 1,
-                      {"method": "np.copyto", "bytes": moved, "array_mib": src.nbytes / 2**20},
-                      warmup)
-    ctx.progress(f"kernel copy {src.nbytes / 2**20:.0f} MiB: {bw.median:.2f} GB/s")
-    return rec, bw.median
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        threads = int(numba.get_num_threads())
+    else:
+        threads = 1  # numpy's elementwise kernels are single-threaded
+    if torch is not None:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def _distbn_fns(case, x, dy):
-    """(forward, backward, forward+backward) callables on a built replica-local layer."""
+    """The layer's three passes, and the backend's two forward passes alone."""
+    from distbn import ops
     from distbn.layers import BatchNormalization
 
     bn = BatchNormalization(axis=case["axis"], dtype=case["dtype"])
     bn(x, training=True)  # build, and leave a cache for backward-only timing
-
-    def forward():
-        return bn(x, training=True)
-
-    def backward():
-        return bn.backward(dy)
+    kern = ops.kernels()
+    red = ops.reduce_axes_for(x.ndim, (case["axis"] % x.ndim,))
+    count, mean, m2 = kern.local_mean_m2(x, red)
+    var = m2 / np.maximum(count, 1)
 
     def forward_backward():
         bn(x, training=True)
         return bn.backward(dy)
 
-    return {"forward": forward, "backward": backward, "forward_backward": forward_backward}
+    fns = {
+        "stats": lambda: kern.local_mean_m2(x, red),
+        "normalize": lambda: kern.normalize(x, mean, var, None, None, bn.epsilon, red),
+        "forward": lambda: bn(x, training=True),
+        "backward": lambda: bn.backward(dy),
+        "forward_backward": forward_backward,
+    }
+    return bn, fns
 
 
 def _torch_fns(torch, case, x, dy):
-    """The same three passes with torch.nn.functional.batch_norm and autograd."""
+    """The three passes with torch.nn.functional.batch_norm and autograd."""
     F = torch.nn.functional
 
     def as_nchw(a):
@@ -163,99 +182,197 @@ def _torch_fns(torch, case, x, dy):
     return {"forward": fwd, "backward": backward, "forward_backward": forward_backward}
 
 
-def _peak_extra_mib(fn) -> float:
-    """Peak memory numpy allocates during one call of `fn` (tracemalloc sees numpy's
-    buffers), in MiB, including the arrays the call returns."""
-    tracemalloc.start()
+def peak_extra_bytes(layer, x, dy) -> int:
+    """Peak bytes numpy allocates during one training forward+backward (outputs kept).
+
+    Args:
+        layer: a built distbn BatchNormalization.
+        x, dy: the input and output gradient.
+
+    Returns:
+        Peak traced allocation above the starting point (numba's per-block partial
+        sums are not traced; see `_scratch_bytes`).
+    """
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
     try:
-        base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        out = fn()
+        base = tracemalloc.get_traced_memory()[0]
+        y = layer(x, training=True)
+        dx = layer.backward(dy)
         peak = tracemalloc.get_traced_memory()[1] - base
-        del out
+        del y, dx
     finally:
-        tracemalloc.stop()
-    return peak / 2**20
+        if started:
+            tracemalloc.stop()
+    return int(peak)
+
+
+def _scratch_bytes(x, axis) -> int:
+    """Bytes of numba's per-block partial sums for x (0 on the numpy backend)."""
+    from distbn import ops
+
+    if ops.backend_name() != "numba":
+        return 0
+    from distbn.ops import fused
+
+    geo = fused.fused_geometry(x, ops.reduce_axes_for(x.ndim, (axis % x.ndim,)))
+    if geo is None:
+        return 0
+    blocks = -(-geo.outer // (geo.rows_per_block if geo.kind == "rows"
+                              else geo.reduce_blocks[0]))
+    return 4 * blocks * geo.nch * 8
 
 
 def _fmt_time(us: float) -> str:
     return f"{us / 1e3:.2f} ms" if us >= 1e3 else f"{us:.1f} us"
 
 
-def _measure_pass(ctx, pas, fn, torch_fn, params, copy_gbs, repeats, warmup, target):
-    """Records of one pass of one case: distbn (and torch, timed alternately)."""
-    nbytes = params["bytes"]
-    name = f"kernel.{pas}"
-    inner = ctx.calibrate(fn, target)
-    if torch_fn is None:
-        t, tt = ctx.time(fn, repeats, warmup, inner), None
-    else:
-        t, tt, a, b = ctx.time_pair(fn, torch_fn, repeats, warmup, inner)
-    bw = t.map(lambda s: nbytes / s / 1e9)
-    records = [
-        make_record(name, "time", t.scaled(_US), "us", 1, params, warmup),
-        make_record(name, "bandwidth", bw, "GB/s", 1, params, warmup),
-        make_record(name, "copy_fraction", bw.map(lambda g: g / copy_gbs), "ratio", 1,
-                    params, warmup),
-    ]
-    line = (f"{_fmt_time(t.median * _US)}, {bw.median:.2f} GB/s "
-            f"({bw.median / copy_gbs:.0%} of copy)")
-    if tt is not None:
-        ratio = Stats(a / b)  # per pair: both saw the same moment of the machine
-        records += [
-            make_record(name, "torch_time", tt.scaled(_US), "us", 1, params, warmup),
-            make_record(name, "torch_bandwidth", tt.map(lambda s: nbytes / s / 1e9), "GB/s",
-                        1, params, warmup),
-            make_record(name, "torch_ratio", ratio, "ratio", 1, params, warmup),
-        ]
-        line += f"; torch {_fmt_time(tt.median * _US)} (distbn/torch {ratio.median:.2f})"
-    if pas == "forward_backward":
-        mib = _peak_extra_mib(fn)
-        records.append(make_record(name, "peak_extra_memory", Stats([mib]), "MiB", 1,
-                                   params, 0))
-        line += f"; peak extra {mib:.1f} MiB ({mib * 2**20 / params['input_bytes']:.1f}x input)"
-    return records, line
+def _measure_case(ctx, case, threads, torch, backend, rng) -> tuple[list, str]:
+    """Records of one case at one thread count, and its progress line."""
+    x = rng.standard_normal(case["shape"]).astype(case["dtype"])
+    dy = rng.standard_normal(case["shape"]).astype(case["dtype"])
+    out = np.empty_like(x)
+    bn, ours = _distbn_fns(case, x, dy)
+    fns = {"copy": lambda: np.copyto(out, x), **ours}
+    if torch is not None:
+        fns.update({f"torch_{k}": f for k, f in _torch_fns(torch, case, x, dy).items()})
+    repeats, warmup = ctx.pick(21, 11, 3), ctx.pick(3, 2, 1)
+    target = ctx.pick(0.02, 0.02, 0.002)  # seconds per sample: bounds timer noise
+    inner = {k: ctx.calibrate(f, target) for k, f in fns.items()}
+    t = sample_interleaved(fns, repeats, warmup, inner, settle=ctx.pick(2, 2, 1))
+    base = {"shape": list(case["shape"]), "dtype": case["dtype"], "layout": case["layout"],
+            "axis": case["axis"], "backend": backend, "threads": threads,
+            "input_bytes": int(x.nbytes),
+            "kernel_scratch_bytes": _scratch_bytes(x, case["axis"])}
+    copy_bytes = _BYTES_FACTOR["copy"] * x.nbytes
+    records = []
+
+    def add(name, metric, stats, unit, params):
+        records.append(make_record(f"kernel.{name}", metric, stats, unit, 1, params, warmup))
+
+    copy_params = dict(base, bytes=copy_bytes, method="np.copyto")
+    add("copy", "time", Stats(t["copy"] * _US), "us", copy_params)
+    add("copy", "bandwidth", Stats(copy_bytes / t["copy"] / 1e9), "GB/s", copy_params)
+    median = {k: float(np.median(v)) for k, v in t.items()}
+    line = [f"copy {copy_bytes / median['copy'] / 1e9:.2f} GB/s"]
+    for name in ("stats", "normalize", *PASSES):
+        nbytes = _BYTES_FACTOR[name] * x.nbytes
+        params = dict(base, bytes=nbytes)
+        add(name, "time", Stats(t[name] * _US), "us", params)
+        add(name, "bandwidth", Stats(nbytes / t[name] / 1e9), "GB/s", params)
+        # Per round: this pass's bandwidth over the copy's of the same round.
+        frac = Stats(nbytes / t[name] / (copy_bytes / t["copy"]))
+        add(name, "copy_fraction", frac, "ratio", params)
+        text = f"{name} {_fmt_time(median[name] * _US)} ({frac.median:.0%} of copy)"
+        if name == "forward":
+            two = Stats(t["copy"] / (t["stats"] + t["normalize"]))
+            add(name, "two_pass_copy_fraction", two, "ratio", params)
+            text += f", two passes alone {two.median:.0%}"
+        if f"torch_{name}" in t:
+            tt = t[f"torch_{name}"]
+            ratio = Stats(t[name] / tt)
+            add(name, "torch_time", Stats(tt * _US), "us", params)
+            add(name, "torch_bandwidth", Stats(nbytes / tt / 1e9), "GB/s", params)
+            add(name, "torch_ratio", ratio, "ratio", params)
+            text += f", torch {_fmt_time(median[f'torch_{name}'] * _US)} ({ratio.median:.2f})"
+        if name == "forward_backward":
+            mib = peak_extra_bytes(bn, x, dy) / 2**20
+            records.append(make_record("kernel.forward_backward", "peak_extra_memory",
+                                       Stats([mib]), "MiB", 1, params, 0))
+            text += f"; peak extra {mib:.1f} MiB ({mib * 2**20 / x.nbytes:.1f}x input)"
+        line.append(text)
+    return records, "; ".join(line)
 
 
-def run(ctx: Context) -> list[dict]:
+_COLD_SCRIPT = textwrap.dedent("""
+    import json, numpy as np, distbn
+    from distbn.ops import fused
+    sums = []
+    rng = np.random.default_rng(0)
+    for shape, axis in [((8, 8, 8, 64), -1), ((8, 64, 8, 8), 1)]:
+        x, dy = rng.standard_normal((2,) + shape).astype("float32")
+        bn = distbn.BatchNormalization(axis=axis)
+        y = bn(x, training=True)
+        sums.append(float(np.abs(bn.backward(dy)).sum() + np.abs(y).sum()))
+    print(json.dumps({"compile_s": fused.compile_seconds(),
+                      "wait_s": fused.lock_wait_seconds(), "sums": sums}))
+""")
+
+
+def cold_start(nprocs: int = 2, timeout: float = 900.0) -> dict:
+    """Start `nprocs` processes at once on an empty numba cache; time their first BN step.
+
+    Each runs one training forward+backward of both layouts and reports the seconds it
+    spent compiling (or loading from the cache another process just wrote) and a
+    checksum of its gradients; all must succeed and agree.
+
+    Returns:
+        {"wall_s", "compile_s" and "lock_wait_s": [per process], "ok", "same_result",
+        "errors"}.
+    """
+    with tempfile.TemporaryDirectory(prefix="distbn-cold-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, DISTBN_KERNELS="numba")
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", _COLD_SCRIPT], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(nprocs)]
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        wall = time.perf_counter() - start
+    errors = [err[-2000:] for p, (_, err) in zip(procs, outs, strict=True) if p.returncode]
+    results = [json.loads(o.strip().splitlines()[-1]) for p, (o, _) in zip(procs, outs,
+               strict=True) if p.returncode == 0]
+    return {"wall_s": wall, "compile_s": [r["compile_s"] for r in results],
+            "lock_wait_s": [r["wait_s"] for r in results],
+            "ok": not errors, "same_result": len({json.dumps(r["sums"]) for r in results}) <= 1,
+            "errors": errors}
+
+
+def _cold_start_records(ctx, nprocs: int) -> list[dict]:
+    res = cold_start(nprocs)
+    if not res["ok"] or not res["same_result"]:
+        what = "; ".join(res["errors"]) or "the processes' results differ"
+        raise RuntimeError(f"kernel cold start with {nprocs} processes failed: {what}")
+    params = {"processes": nprocs, "wall_s": round(res["wall_s"], 3),
+              "lock_wait_s": res["lock_wait_s"]}
+    ctx.progress(f"kernel cold start, {nprocs} processes: compile "
+                 f"{max(res['compile_s']):.1f} s, wall {res['wall_s']:.1f} s")
+    return [make_record("kernel.cold_start", "compile_time", Stats(res["compile_s"]), "s", 1,
+                        params, 0)]
+
+
+def run(ctx: Context, threads=None, cold_start_procs: int = 0) -> list[dict]:
     """Run the kernel suite on this process (world size 1).
 
     Args:
         ctx: the run context; its communicator is not used.
+        threads: thread counts to measure at (default: the backend's current count).
+        cold_start_procs: also time N processes compiling at once from an empty cache
+            (0: not).
 
     Returns:
         The records.
     """
     backend = kernel_backend()
-    threads = _backend_threads()
     torch = _import_torch()
     if torch is None:
         ctx.progress("kernel: torch is not importable; skipping the PyTorch comparison")
-    repeats, warmup = ctx.pick(21, 11, 3), ctx.pick(3, 2, 1)
-    target = ctx.pick(0.02, 0.02, 0.002)  # seconds per sample: bounds timer noise
-    copy_rec, copy_gbs = copy_bandwidth(ctx)
-    records = [copy_rec]
-    saved_threads = torch.get_num_threads() if torch is not None else None
+    saved = (_backend_threads(), torch.get_num_threads() if torch is not None else None)
+    records = []
     try:
-        if torch is not None:
-            torch.set_num_threads(threads)  # the same thread count as distbn's backend
-        rng = np.random.default_rng(0)
-        for case in cases(ctx.mode):
-            x = rng.standard_normal(case["shape"]).astype(case["dtype"])
-            dy = rng.standard_normal(case["shape"]).astype(case["dtype"])
-            ours = _distbn_fns(case, x, dy)
-            theirs = _torch_fns(torch, case, x, dy) if torch is not None else {}
-            base = {"shape": list(case["shape"]), "dtype": case["dtype"],
-                    "layout": case["layout"], "axis": case["axis"], "backend": backend,
-                    "threads": threads, "input_bytes": x.nbytes}
-            for pas, fn in ours.items():
-                params = dict(base, bytes=_BYTES_FACTOR[pas] * x.nbytes)
-                recs, line = _measure_pass(ctx, pas, fn, theirs.get(pas), params, copy_gbs,
-                                           repeats, warmup, target)
+        for count in list(threads or [saved[0]]):
+            used = _set_threads(int(count), torch)
+            rng = np.random.default_rng(0)
+            for case in cases(ctx.mode):
+                recs, line = _measure_case(ctx, case, used, torch, backend, rng)
                 records += recs
-                ctx.progress(f"kernel {pas} {tuple(case['shape'])} {case['dtype']} "
-                             f"{case['layout']}: {line}")
+                ctx.progress(f"kernel {tuple(case['shape'])} {case['dtype']} "
+                             f"{case['layout']} {used} thread(s): {line}")
     finally:
+        _set_threads(saved[0], None)
         if torch is not None:
-            torch.set_num_threads(saved_threads)
+            torch.set_num_threads(saved[1])
+    if cold_start_procs:
+        records += _cold_start_records(ctx, int(cold_start_procs))
     return records

@@ -170,50 +170,62 @@ def _environment(env) -> list[str]:
 
 def _kernel(records, multi, compact=False) -> list[str]:
     out = []
-    copy = _rows(records, "kernel.copy", multi)
-    for row in copy.values():
+    for row in _rows(records, "kernel.copy", multi).values():
         rec = row.get("bandwidth")
-        if rec:
+        if rec and "shape" not in rec["params"]:  # results before the copy was per case
             src = f" ({row['source']})" if multi else ""
             out.append(f"Copy bandwidth{src}: **{_cell(rec, True)} GB/s** "
                        f"(`np.copyto` of {rec['params'].get('array_mib', 0):g} MiB, "
                        f"{rec['spread']['repeats']} repeats).")
+    for row in _rows(records, "kernel.cold_start", multi).values():
+        rec = row.get("compile_time")
+        if rec:
+            p = rec["params"]
+            out.append(f"Cold start: {p.get('processes')} processes compiling at once from an "
+                       f"empty numba cache took up to {rec['spread']['max']:.1f} s each "
+                       f"(wall {p.get('wall_s', 0):.1f} s).")
     if out:
         out.append("")
     rows = []
     for (name, _ws, _s, _p), row in _rows(records, "kernel.", multi).items():
-        if name == "kernel.copy":
-            continue
         p = row["params"]
+        if name == "kernel.cold_start" or (name == "kernel.copy" and "shape" not in p):
+            continue
         mem = row.get("peak_extra_memory")
         mem_cell = "–"
         if mem is not None:
             inp = p.get("input_bytes", 0) / 2**20
             mem_cell = _cell(mem) + (f" ({mem['value'] / inp:.1f}× input)" if inp else "")
+        of_copy = "100%" if name == "kernel.copy" else _pct(row.get("copy_fraction"))
+        if row.get("two_pass_copy_fraction"):
+            of_copy += f" (2 passes {_pct(row['two_pass_copy_fraction'])})"
         cells = [name.split(".", 1)[1].replace("_", "+"), _shape(p), p.get("dtype"),
-                 p.get("layout"), _cell(row.get("time"), True), _cell(row.get("bandwidth")),
-                 _pct(row.get("copy_fraction")), _cell(row.get("torch_time"), True),
+                 p.get("layout"), p.get("threads", "–"), _cell(row.get("time"), True),
+                 _cell(row.get("bandwidth")), of_copy, _cell(row.get("torch_time"), True),
                  _cell(row.get("torch_bandwidth")), _cell(row.get("torch_ratio")), mem_cell]
         if compact:
-            del cells[10], cells[8]
+            del cells[11], cells[9]
         rows.append(([row.get("source") or "–"] if multi else []) + cells)
     if rows and not compact:
         backend = next(iter(_rows(records, "kernel.forward", multi).values()), {}) \
             .get("params", {})
         out.append(f"BatchNormalization (training) on one process, backend "
-                   f"`{backend.get('backend', '?')}`, {backend.get('threads', '?')} thread(s); "
-                   "torch = `torch.nn.functional.batch_norm(training=True)` + autograd at the "
-                   "same thread count. GB/s = effective bytes / time (forward 2×, backward "
-                   "3×, forward+backward 5× the input's bytes); \"of copy\" = that / copy "
-                   "bandwidth; distbn/torch = median of per-pair time ratios (< 1: distbn "
-                   "faster); peak extra = numpy memory allocated during forward+backward "
-                   "(tracemalloc), outputs included.")
+                   f"`{backend.get('backend', '?')}`; copy = `np.copyto` of the case's input, "
+                   "timed in turn with the passes; stats/normalize = the backend's two forward "
+                   "passes alone; torch = `torch.nn.functional.batch_norm(training=True)` + "
+                   "autograd at the same thread count. GB/s = effective bytes / time (copy "
+                   "2×, stats 1×, normalize and forward 2×, backward 3×, forward+backward 5× "
+                   "the input's bytes); \"of copy\" = that / the same round's copy "
+                   "bandwidth (2 passes: copy time / (stats + normalize)); distbn/torch = "
+                   "median of per-round time ratios (< 1: distbn faster); peak extra = numpy "
+                   "memory allocated during forward+backward with both outputs kept "
+                   "(tracemalloc).")
         out.append("")
     if rows:
-        head = ["pass", "shape", "dtype", "layout", "time", "GB/s", "of copy", "torch time",
-                "torch GB/s", "distbn/torch", "peak extra"]
+        head = ["pass", "shape", "dtype", "layout", "threads", "time", "GB/s", "of copy",
+                "torch time", "torch GB/s", "distbn/torch", "peak extra"]
         if compact:
-            del head[10], head[8]
+            del head[11], head[9]
         head = (["source"] if multi else []) + head
         out += _table(head, rows)
     return out
@@ -392,9 +404,9 @@ def write_report(results: dict, out_dir) -> list[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from distbn.bench.plots import write_plots
+    from distbn.plot import bench_figures
 
-    plots = write_plots(results, out_dir)
+    plots = bench_figures(results, out_dir)
     path = out_dir / REPORT_FILE
     path.write_text(render_markdown(results, plots), encoding="utf-8")
     return [path, *plots]

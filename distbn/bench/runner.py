@@ -14,8 +14,6 @@ import difflib
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from distbn.bench.environment import environment, load_average
 from distbn.bench.results import merge_results, read_results, write_results
 
 __all__ = ["SUITES", "parse_suites", "parse_ranks", "default_ranks", "default_out_dir",
-           "measure", "launch_all", "finish"]
+           "measure", "launch_all", "finish", "note_missing_plots"]
 
 #: Suite name -> module with `run(ctx)`, in the order they run.
 SUITES = {m.NAME: m for m in (kernel, allreduce, sync, scaling)}
@@ -53,11 +51,12 @@ def parse_suites(names) -> list[str]:
     return [s for s in SUITES if not names or s in names]
 
 
-def parse_ranks(text: str) -> list[int]:
-    """Parse `--ranks`, e.g. "1,2,4", into sorted unique world sizes.
+def parse_ranks(text: str, option: str = "--ranks") -> list[int]:
+    """Parse `--ranks`, e.g. "1,2,4", into sorted unique world sizes (or `--threads`).
 
     Args:
         text: comma-separated positive integers.
+        option: the option named in the error.
 
     Returns:
         The sorted list.
@@ -71,7 +70,7 @@ def parse_ranks(text: str) -> list[int]:
     except ValueError:
         ranks = []
     if not ranks or any(r < 1 for r in ranks):
-        raise ValueError(f"--ranks must be comma-separated positive integers like 1,2,4, "
+        raise ValueError(f"{option} must be comma-separated positive integers like 1,2,4, "
                          f"got {text!r}")
     return sorted(set(ranks))
 
@@ -94,7 +93,8 @@ def default_out_dir() -> str:
     return os.path.join("runs", "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def measure(suites, mode: str, comm=None, scaling_config=None, stream=None):
+def measure(suites, mode: str, comm=None, scaling_config=None, stream=None,
+            kernel_threads=None, cold_start: int = 0):
     """Run `suites` at `comm`'s world size (collective); rank 0 gets the results.
 
     The kernel suite is one-process work: rank 0 runs it (records at world size 1)
@@ -106,6 +106,8 @@ def measure(suites, mode: str, comm=None, scaling_config=None, stream=None):
         comm: an mpi4py Intracomm (default COMM_WORLD).
         scaling_config: the training config of the scaling suite (default quickstart).
         stream: where progress goes (default stderr).
+        kernel_threads: thread counts of the kernel suite (default: the backend's).
+        cold_start: the kernel suite's cold-start processes (0: none).
 
     Returns:
         {"environment", "records"} on rank 0, None elsewhere.
@@ -122,7 +124,8 @@ def measure(suites, mode: str, comm=None, scaling_config=None, stream=None):
         ctx.progress(f"suite {name}")
         if name == "kernel":
             if ctx.is_root:
-                records += kernel.run(Context(mode, None, stream, start))
+                records += kernel.run(Context(mode, None, stream, start), kernel_threads,
+                                      cold_start)
             ctx.barrier()
         elif name == "scaling":
             records += scaling.run(ctx, scaling_config)
@@ -138,7 +141,8 @@ def measure(suites, mode: str, comm=None, scaling_config=None, stream=None):
     return {"environment": env, "records": records}
 
 
-def _worker_argv(suites, mode, out, scaling_config) -> list[str]:
+def _worker_argv(suites, mode, out, scaling_config, kernel_threads=None,
+                 cold_start=0) -> list[str]:
     argv = [sys.executable, "-m", "mpi4py", "-m", "distbn", "bench", "--no-launch",
             "--no-report", "--out", str(out)]
     if mode == "quick":
@@ -147,27 +151,27 @@ def _worker_argv(suites, mode, out, scaling_config) -> list[str]:
         argv.append("--tiny")
     if scaling_config is not None:
         argv += ["--scaling-config", str(scaling_config)]
+    if kernel_threads:
+        argv += ["--threads", ",".join(str(t) for t in kernel_threads)]
+    if cold_start:
+        argv += ["--cold-start", str(int(cold_start))]
     return argv + list(suites)
 
 
 def _run_group(cmd, env, timeout):
-    """Run `cmd` in its own process group; on timeout kill the whole group (mpiexec and
-    every rank it started). Returns the exit code, or None after a timeout."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None
-    except KeyboardInterrupt:  # the new session does not get the terminal's SIGINT
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait()
-        raise
+    """Run one world size's job under the launcher's policy (`distbn.launcher`). Returns
+    the exit code, or None after a timeout; Ctrl-C stops the group and is re-raised."""
+    from distbn.launcher import run_group
+
+    res = run_group(cmd, env=env, timeout=timeout)
+    if res.interrupted:
+        raise KeyboardInterrupt
+    return None if res.timed_out else res.exit_code
 
 
 def launch_all(suites, ranks, mode: str, out_dir, scaling_config=None, mpiexec=None,
-               timeout=None, log=None) -> tuple[dict | None, list[str]]:
+               timeout=None, log=None, kernel_threads=None,
+               cold_start: int = 0) -> tuple[dict | None, list[str]]:
     """Measure at each world size in `ranks` through mpiexec and merge the results.
 
     The kernel suite runs once, in the first (smallest) world size's job.
@@ -182,6 +186,7 @@ def launch_all(suites, ranks, mode: str, out_dir, scaling_config=None, mpiexec=N
         mpiexec: the launcher (default: `distbn.mpiexec.find_mpiexec`).
         timeout: seconds allowed per world size (None: no limit).
         log: where launcher lines go (default stderr).
+        kernel_threads, cold_start: passed on to the kernel suite.
 
     Returns:
         (merged results or None if no run succeeded, list of failure messages).
@@ -199,8 +204,8 @@ def launch_all(suites, ranks, mode: str, out_dir, scaling_config=None, mpiexec=N
         if not these:
             continue
         part = out_dir / "parts" / f"n{n}"
-        cmd = mpiexec_command(n, _worker_argv(these, mode, part, scaling_config),
-                              mpiexec=mpiexec)
+        worker = _worker_argv(these, mode, part, scaling_config, kernel_threads, cold_start)
+        cmd = mpiexec_command(n, worker, mpiexec=mpiexec)
         if n > cpus:
             print(f"[bench] warning: {n} ranks on {cpus} CPUs (oversubscribed): timings at "
                   "this world size measure contention, not scaling", file=log, flush=True)
@@ -243,4 +248,13 @@ def finish(results: dict, out_dir, report: bool = True) -> list[Path]:
     paths = [write_results(out_dir, results["environment"], results["records"])]
     if report:
         paths += write_report(read_results(out_dir), out_dir)
+        note_missing_plots()
     return paths
+
+
+def note_missing_plots(log=None) -> None:
+    """Without matplotlib, say once how to get the plots (the tables are written)."""
+    from distbn.plot import NO_MATPLOTLIB, have_matplotlib
+
+    if not have_matplotlib():
+        print(f"distbn bench: note: {NO_MATPLOTLIB}", file=log or sys.stderr, flush=True)

@@ -42,12 +42,8 @@ the command trains both modes itself and rank 0 runs the reference and writes th
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from distbn.distribute.launch import current_world_size, finalize_mpi_for_exit
+from distbn.jsonl import JsonlWriter
 
 __all__ = [
     "MODES",
@@ -94,8 +91,8 @@ statistics averaged over replicas, as the trainer's model.npz holds them).
 
 Run as one process it launches the ranks through mpiexec (one thread per rank); under
 mpiexec/srun with several ranks it runs at that job's size. Writes DIR/report.md (one row
-per mode), DIR/report.png (curves per mode; matplotlib when installed, else a built-in
-renderer) and DIR/study.jsonl (every record)."""
+per mode), DIR/report.png (curves per mode, when matplotlib is installed) and
+DIR/study.jsonl (every record)."""
 
 
 class StudyError(ValueError):
@@ -323,6 +320,7 @@ def train_mode(config, mode, world, dataset=None, every=None, emit=None, err=Non
     Returns:
         On rank 0 the mode's summary record; on other ranks {}.
     """
+    from distbn.bench.study_report import per_replica_batch
     from distbn.train.trainer import Trainer
 
     err = err or sys.stderr
@@ -347,7 +345,8 @@ def train_mode(config, mode, world, dataset=None, every=None, emit=None, err=Non
     gb = config.train.global_batch_size
     if rank == 0:
         print(f"{_PREFIX}: {mode}: {size} rank(s), global batch {gb} "
-              f"({gb / size:g} per replica), {total} steps, {len(probe.layers)} BN layer(s)",
+              f"({per_replica_batch(gb, size)} per replica), {total} steps, "
+              f"{len(probe.layers)} BN layer(s)",
               file=err, flush=True)
     start = time.perf_counter()
     train_s = measure_s = first_s = 0.0
@@ -409,7 +408,7 @@ def train_mode(config, mode, world, dataset=None, every=None, emit=None, err=Non
     n = sum(r["samples"] for r in tail)
     summary = record({
         "type": "summary", "ranks": size, "global_batch_size": gb,
-        "per_replica_batch": gb / size, "steps": total, "every": every,
+        "per_replica_batch": per_replica_batch(gb, size), "steps": total, "every": every,
         "train_loss": sum(r["loss"] * r["samples"] for r in tail if r["samples"]) / n
         if n else None,
         "train_accuracy": sum(r["accuracy"] * r["samples"] for r in tail if r["samples"]) / n
@@ -439,32 +438,6 @@ def train_mode(config, mode, world, dataset=None, every=None, emit=None, err=Non
 
 # --------------------------------------------------------------------------------------
 # Records file
-
-
-def _finite(obj):
-    """The record with non-finite floats as None: strict JSON, as metrics.jsonl is."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-class _Writer:
-    """Rank 0's writer of DIR/study.jsonl: one strict-JSON record a line, flushed."""
-
-    def __init__(self, path, append: bool):
-        self.path = Path(path)
-        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
-
-    def __call__(self, record: dict) -> None:
-        self._fh.write(json.dumps(_finite(record), allow_nan=False) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 def _meta(args, ranks) -> dict:
@@ -655,7 +628,7 @@ def _run_ranks(args, configs, ranks, out, dataset) -> int:
             _prepare_out(out)
         else:
             out.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(out / RECORDS_FILE, append=False)
+        writer = JsonlWriter(out / RECORDS_FILE, append=False)
         writer(_meta(args, ranks))
     world.barrier(name="study.start")
     from distbn.train.trainer import TrainingError
@@ -690,7 +663,7 @@ def _run_reference(args, config, out, dataset) -> int:
         return _error(f"{path} does not exist: the reference is added to a study's records")
     from distbn.train.trainer import TrainingError
 
-    writer = _Writer(path, append=True)
+    writer = JsonlWriter(path, append=True)
     try:
         train_mode(config, REFERENCE, LocalStrategy(), dataset, every=args.every, emit=writer)
     except TrainingError as exc:
@@ -720,6 +693,7 @@ def _launch_part(args, part, ranks, out, deadline) -> int:
     `python` (one process, no MPI; `ranks` only travels for the argument checks). The
     group is killed when `deadline` passes.
     """
+    from distbn.launcher import run_group
     from distbn.mpiexec import mpiexec_command, one_thread_env
 
     if part == "modes":
@@ -734,37 +708,20 @@ def _launch_part(args, part, ranks, out, deadline) -> int:
         cmd = [sys.executable, *_part_argv(args, part, ranks, out)]
         what = "the one-process reference run"
     print(f"{_PREFIX}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    # Its own session: on timeout or Ctrl-C the whole group (mpiexec and every rank) goes.
-    proc = subprocess.Popen(cmd, env=one_thread_env(), start_new_session=True)
-    try:
-        code = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
+    # Its own process group: on timeout or Ctrl-C the whole group (mpiexec and every
+    # rank) is stopped (distbn.launcher's policy).
+    res = run_group(cmd, env=one_thread_env(), timeout=max(deadline - time.monotonic(), 0.1))
+    if res.timed_out:
         print(f"{_PREFIX}: error: {what} passed --timeout {args.timeout:g} s and was killed",
               file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:
-        _kill_group(proc)
-        return 130
-    if code:
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"{_PREFIX}: error: {what} failed ({how})", file=sys.stderr, flush=True)
-        return 2 if code == 2 else 1
+    if res.interrupted:
+        return res.exit_code
+    if res.returncode:
+        print(f"{_PREFIX}: error: {what} failed ({res.describe()})", file=sys.stderr,
+              flush=True)
+        return 2 if res.returncode == 2 else 1
     return 0
-
-
-def _kill_group(proc) -> None:
-    """SIGTERM the process group, SIGKILL what is left after 5 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5.0)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _write_report(out, start) -> int:
@@ -776,6 +733,10 @@ def _write_report(out, start) -> int:
         return _error(f"the ranks wrote no {path}")
     records = study_report.read_records(path)
     paths = study_report.write_report(records, out)
+    if study_report.PLOT_FILE not in {p.name for p in paths}:
+        from distbn.plot import NO_MATPLOTLIB
+
+        print(f"{_PREFIX}: note: {NO_MATPLOTLIB}", file=sys.stderr, flush=True)
     print(f"{_PREFIX}: done in {time.perf_counter() - start:.0f} s -> "
           + ", ".join(str(p) for p in [*paths, path]), file=sys.stderr, flush=True)
     print(study_report.render_table(records), flush=True)

@@ -2,21 +2,20 @@
 
 The records (`study` writes them) are a "meta" line, then per mode "step" records
 (training loss/accuracy of the window, batch-statistics divergence, moving-statistics
-spread), "eval" records (test loss/accuracy) and one "summary". The plot uses matplotlib
-when it imports (the `plot` extra) and otherwise the built-in renderer (`png`), so the
-report always has its figure.
+spread), "eval" records (test loss/accuracy) and one "summary". The figure is drawn by
+`distbn.plot.study_figure` (matplotlib); without matplotlib the report has the tables and
+says how to get it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["REPORT_FILE", "PLOT_FILE", "read_records", "summaries", "render_table",
-           "render_markdown", "write_plot", "write_report"]
+__all__ = ["REPORT_FILE", "PLOT_FILE", "read_records", "summaries", "per_replica_batch",
+           "render_table", "render_markdown", "write_plot", "write_report"]
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
@@ -32,15 +31,9 @@ def read_records(path) -> list[dict]:
     Returns:
         The list of dicts. Raises ValueError quoting the line number of a bad line.
     """
-    records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err})") from err
-    return records
+    from distbn.jsonl import read_jsonl
+
+    return read_jsonl(path)
 
 
 def _modes(records) -> list[str]:
@@ -66,6 +59,21 @@ def _num(v, spec) -> str:
         else format(v, spec)
 
 
+def per_replica_batch(global_batch: int, ranks: int) -> str:
+    """The per-replica batch sizes as the ranks really get them: "4", or "21-22" when the
+    global batch does not divide (`shard_slice` gives the first ranks one sample more).
+
+    Args:
+        global_batch: the global batch size.
+        ranks: the number of replicas (>= 1).
+
+    Returns:
+        The text.
+    """
+    low, rem = divmod(int(global_batch), int(ranks))
+    return f"{low}" if rem == 0 else f"{low}-{low + 1}"
+
+
 def render_table(records) -> str:
     """The one-row-per-mode markdown table.
 
@@ -81,9 +89,9 @@ def render_table(records) -> str:
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for mode, s in summaries(records).items():
         one = s["ranks"] == 1  # nothing to compare across a single replica
-        per = s["per_replica_batch"]
+        per = per_replica_batch(s["global_batch_size"], s["ranks"])
         lines.append(
-            f"| {mode} | {s['ranks']} x {per:g} | {_num(s['train_loss'], '.4f')} | "
+            f"| {mode} | {s['ranks']} x {per} | {_num(s['train_loss'], '.4f')} | "
             f"{_num(s['train_accuracy'], '.4f')} | {_num(s['train_eval_accuracy'], '.4f')} | "
             f"{_num(s['test_loss'], '.4f')} | {_num(s['test_accuracy'], '.4f')} | "
             f"{'–' if one else _num(s['mean_dev'], '.3f')} | "
@@ -129,11 +137,12 @@ def _layer_table(records) -> str:
                       "spread | moving-var spread |", "|---|---|---|---|---|---|---|", *rows])
 
 
-def render_markdown(records) -> str:
+def render_markdown(records, plot: bool = True) -> str:
     """The whole report.md.
 
     Args:
         records: from `read_records`.
+        plot: whether report.png is written beside it (else a line says how to get it).
 
     Returns:
         Markdown text.
@@ -172,7 +181,12 @@ def render_markdown(records) -> str:
     if layer_table:
         lines += ["", "## Per layer", "", "Divergences averaged over the measured steps; "
                   "spreads at the end.", "", layer_table]
-    lines += ["", f"Curves: [{PLOT_FILE}]({PLOT_FILE}); every record: study.jsonl.", ""]
+    if plot:
+        lines += ["", f"Curves: [{PLOT_FILE}]({PLOT_FILE}); every record: study.jsonl.", ""]
+    else:
+        from distbn.plot import NO_MATPLOTLIB
+
+        lines += ["", f"Every record: study.jsonl. No curves: {NO_MATPLOTLIB}.", ""]
     return "\n".join(lines)
 
 
@@ -216,16 +230,16 @@ def _curves(records) -> list[dict]:
                 for m in modes if evals[m]]
 
     return [
-        {"title": "TRAINING LOSS (SMOOTHED)", "ylabel": "loss", "series": line("loss")},
-        {"title": "TRAINING ACCURACY (SMOOTHED)", "ylabel": "accuracy",
+        {"title": "Training loss (smoothed)", "ylabel": "loss", "series": line("loss")},
+        {"title": "Training accuracy (smoothed)", "ylabel": "accuracy",
          "series": line("accuracy")},
-        {"title": "TEST ACCURACY (AVERAGED MOVING STATS)", "ylabel": "accuracy",
+        {"title": "Test accuracy (averaged moving stats)", "ylabel": "accuracy",
          "series": points("accuracy")},
-        {"title": "BATCH MEAN DEV MAX_R |MU_R-MU|/SIGMA", "ylabel": "first BN layer",
+        {"title": "Batch mean dev max_r |mu_r - mu| / sigma", "ylabel": "first BN layer",
          "series": line("mean_dev", skip_single=True)},
-        {"title": "BATCH VAR RATIO VAR_R/VAR", "ylabel": "first BN layer, mean over ranks",
+        {"title": "Batch var ratio var_r / var", "ylabel": "first BN layer, mean over ranks",
          "series": line("var_ratio", skip_single=True)},
-        {"title": "MOVING-MEAN SPREAD ACROSS REPLICAS", "ylabel": "max over layers (smoothed)",
+        {"title": "Moving-mean spread across replicas", "ylabel": "max over layers (smoothed)",
          "series": line("moving_mean_spread", skip_single=True)},
     ]
 
@@ -235,92 +249,34 @@ def _single(records, mode) -> bool:
                for r in records)
 
 
-def _colours(records) -> dict:
-    from distbn.bench.png import PALETTE
-
-    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(_modes(records))}
-
-
-def write_plot(records, path, backend="auto") -> str:
+def write_plot(records, path) -> Path | None:
     """Draw the study's curves (loss, accuracy, test accuracy, divergences) into a PNG.
 
     Args:
         records: from `read_records`.
         path: the PNG to write.
-        backend: "auto" (matplotlib when it imports, else the built-in renderer),
-            "matplotlib" or "builtin".
 
     Returns:
-        The backend used: "matplotlib" or "builtin".
+        The path, or None when matplotlib is not installed (nothing written).
     """
-    if backend not in ("auto", "matplotlib", "builtin"):
-        raise ValueError(f"backend must be 'auto', 'matplotlib' or 'builtin', got {backend!r}")
-    if backend != "builtin":
-        try:
-            import matplotlib
+    from distbn.plot import study_figure
 
-            matplotlib.use("Agg")  # files only: no display needed
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if backend == "matplotlib":
-                raise
-        else:
-            _plot_matplotlib(plt, records, path)
-            return "matplotlib"
-    _plot_builtin(records, path)
-    return "builtin"
-
-
-def _plot_builtin(records, path) -> None:
-    from distbn.bench import png
-
-    colours = _colours(records)
-    panels = []
-    for spec in _curves(records):
-        # The reference is drawn thin, over the synchronized run it should coincide with.
-        series = [png.Series(m, list(x), list(y), colours[m], markers=kind == "points",
-                             width=1 if m == "reference" else 2)
-                  for m, x, y, kind in spec["series"]]
-        panels.append(png.Panel(spec["title"], series, ylabel=spec["ylabel"]))
-    legend = [(m, c) for m, c in colours.items()]
-    fig = png.Figure(panels, cols=3, panel_size=(420, 300),
-                     title="REPLICA-LOCAL VS SYNCHRONIZED BN", legend=legend)
-    png.write_png(path, fig.render())
-
-
-def _plot_matplotlib(plt, records, path) -> None:
-    colours = {m: tuple(v / 255 for v in c) for m, c in _colours(records).items()}
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, spec in zip(axes.ravel(), _curves(records), strict=True):
-        for m, x, y, kind in spec["series"]:
-            style = "o-" if kind == "points" else "-"
-            ax.plot(x, y, style, color=colours[m], label=m, lw=0.8 if m == "reference" else 1.6,
-                    ms=4)
-        ax.set_title(spec["title"].capitalize(), fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel(spec["ylabel"])
-        ax.grid(alpha=0.3)
-        if spec["series"]:
-            ax.legend(fontsize=8)
-    fig.suptitle("Replica-local vs synchronized BatchNormalization statistics")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return study_figure(_curves(records), path,
+                        "Replica-local vs synchronized BatchNormalization statistics")
 
 
 def write_report(records, out_dir) -> list[Path]:
-    """Write report.md and report.png into `out_dir`.
+    """Write report.md and (with matplotlib) report.png into `out_dir`.
 
     Args:
         records: from `read_records`.
         out_dir: the study directory.
 
     Returns:
-        The two paths.
+        The paths written.
     """
     out_dir = Path(out_dir)
+    plot = write_plot(records, out_dir / PLOT_FILE)
     md = out_dir / REPORT_FILE
-    md.write_text(render_markdown(records), encoding="utf-8")
-    plot = out_dir / PLOT_FILE
-    write_plot(records, plot)
-    return [md, plot]
+    md.write_text(render_markdown(records, plot=plot is not None), encoding="utf-8")
+    return [md] if plot is None else [md, plot]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 __all__ = ["Stats", "summarize", "calibrate_inner", "sample", "sample_pair",
-           "collective_max"]
+           "sample_interleaved", "collective_max"]
 
 _clock = time.perf_counter
 
@@ -111,19 +111,7 @@ def sample(fn: Callable[[], object], repeats: int, warmup: int, inner: int = 1,
     Returns:
         float64 array of `repeats` per-call times in seconds.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got repeats={repeats!r}")
-    out = np.empty(repeats)
-    for i in range(warmup + repeats):
-        if before is not None:
-            before()
-        t0 = _clock()
-        for _ in range(inner):
-            fn()
-        dt = (_clock() - t0) / inner
-        if i >= warmup:
-            out[i - warmup] = dt
-    return out
+    return sample_interleaved({"op": fn}, repeats, warmup, inner, before=before)["op"]
 
 
 def sample_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int,
@@ -141,19 +129,46 @@ def sample_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats:
     Returns:
         (times_a, times_b): float64 arrays of per-call seconds, pairwise aligned.
     """
-    a = np.empty(repeats)
-    b = np.empty(repeats)
+    out = sample_interleaved({"a": fn_a, "b": fn_b}, repeats, warmup, inner, before=before)
+    return out["a"], out["b"]
+
+
+def sample_interleaved(fns: dict, repeats: int, warmup: int, inner=1, settle: int = 0,
+                       before: Callable[[], object] | None = None) -> dict:
+    """Time several operations in turn, one sample of each per round (`sample_pair` for
+    any number), so per-round ratios see the same moment of the machine.
+
+    Args:
+        fns: {name: operation}, timed in this order within a round.
+        repeats: timed rounds (>= 1).
+        warmup: untimed rounds first.
+        inner: calls per sample: an int, or {name: int}.
+        settle: untimed calls of an operation just before its sample: after another one
+            ran, its first calls refill the caches the other evicted; `settle` keeps
+            that out, so each is timed in its steady state, as in a loop.
+        before: called untimed before every sample.
+
+    Returns:
+        {name: float64 array of `repeats` per-call seconds}, aligned by round.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got repeats={repeats!r}")
+    counts = {k: int(inner[k] if isinstance(inner, dict) else inner) for k in fns}
+    out = {k: np.empty(repeats) for k in fns}
     for i in range(warmup + repeats):
-        for fn, out in ((fn_a, a), (fn_b, b)):
+        for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
             if before is not None:
                 before()
+            n = counts[name]
             t0 = _clock()
-            for _ in range(inner):
+            for _ in range(n):
                 fn()
-            dt = (_clock() - t0) / inner
+            dt = (_clock() - t0) / n
             if i >= warmup:
-                out[i - warmup] = dt
-    return a, b
+                out[name][i - warmup] = dt
+    return out
 
 
 def collective_max(comm, values: np.ndarray) -> np.ndarray:

@@ -13,8 +13,9 @@ import contextlib
 import threading
 import warnings
 
+from distbn.launchenv import launched_world_size, mpi_world_size_if_initialized
+
 from .buffers import check_buffer, check_op, check_root
-from .launch import launched_world_size, mpi_world_size_if_initialized
 
 __all__ = ["Strategy", "LocalStrategy", "get_strategy"]
 

@@ -72,9 +72,9 @@ def default_threads(environ=None, numba_max: int | None = None,
     if omp is not None:
         return omp if numba_max is None else min(omp, numba_max)
     if launched is None:
-        from distbn.distribute.launch import launched_world_size, mpi_world_size_if_initialized
+        from distbn.launchenv import current_world_size
 
-        launched = max(launched_world_size(env), mpi_world_size_if_initialized() or 1)
+        launched = current_world_size(env)
     return 1 if launched > 1 else None
 
 
