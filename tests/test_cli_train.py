@@ -1,6 +1,7 @@
 """`distbn train` and `distbn launch` as a user runs them: exit codes, one error message,
 the printed mpiexec command, and a real 2-rank launch."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -149,3 +150,76 @@ def test_bad_kernel_backend_at_two_ranks_exits_2_once_and_writes_nothing(tmp_pat
     assert "DISTBN_KERNELS" in run.output and "'foo'" in run.output, run.failure_report()
     assert "Traceback" not in run.output, run.failure_report()
     assert not out_dir.exists()
+
+
+ORPHAN_PARENT = """
+import subprocess, sys, os
+child = subprocess.Popen([sys.executable, "-m", "distbn", "train", {config!r}, "--set",
+                          "train.steps=100000", "--run-dir", {out!r}],
+                         stdout=open({log!r}, "w"), stderr=subprocess.STDOUT,
+                         start_new_session=True)
+print(child.pid, flush=True)
+while not os.path.exists(os.path.join({out!r}, "metrics.jsonl")):
+    pass
+os._exit(0)  # the launcher dies (as when mpiexec is SIGKILLed); the child is orphaned
+"""
+
+
+def test_a_run_whose_launcher_died_checkpoints_and_stops(tmp_path, tiny):
+    """Ranks orphaned by a killed launcher used to train on and then hang forever."""
+    import subprocess
+    import time
+
+    out_dir, log = tmp_path / "o", tmp_path / "child.log"
+    script = ORPHAN_PARENT.format(config=str(tiny), out=str(out_dir), log=str(log))
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    child = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the orphaned run did not stop within 60 s")
+    text = log.read_text()
+    assert "after its launcher exited" in text, text
+    assert list((out_dir / "checkpoints").iterdir()), text
+
+
+def test_ranks_stop_with_a_checkpoint_when_distbn_launch_is_killed(tmp_path, tiny):
+    """SIGKILL to `distbn launch` (mpiexec lives on): the ranks notice at the next step."""
+    import signal
+    import subprocess
+    import time
+
+    from cli_helpers import REPO
+
+    from distbn.mpiexec import one_thread_env
+
+    out_dir = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "distbn", "launch", "-n", "2", str(tiny),
+                             "--set", "train.steps=100000", "--run-dir", str(out_dir)],
+                            cwd=REPO, env=one_thread_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while not (out_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.kill()  # the launcher only: mpiexec and the ranks are its children
+    proc.wait()
+    checkpoints = out_dir / "checkpoints"
+    while time.monotonic() < deadline and not any(checkpoints.glob("step-*")):
+        time.sleep(0.2)
+    try:
+        assert any(checkpoints.glob("step-*")), "no checkpoint after the launcher died"
+        time.sleep(2.0)  # the ranks exit after the checkpoint
+        leftover = subprocess.run(["pgrep", "-f", f"--run-dir {out_dir}"],
+                                  capture_output=True, text=True).stdout.split()
+        assert leftover == [], f"ranks still running: {leftover}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

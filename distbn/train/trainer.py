@@ -236,8 +236,9 @@ class Trainer:
 
     def _agree_step_flags(self, loss_bad: bool) -> bool:
         """One int64 all-reduce MAX of [stop signal, local loss non-finite]: whether any
-        rank's loss was non-finite; the agreed stop signal is kept for the step's end."""
-        signum = 0 if self.preemption is None else self.preemption.signum
+        rank's loss was non-finite; the agreed stop signal (or ORPHANED, a rank whose
+        launcher exited) is kept for the step's end."""
+        signum = 0 if self.preemption is None else self.preemption.pending()
         if self.world == 1:
             self._stop_signal = signum
             return loss_bad
