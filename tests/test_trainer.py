@@ -563,3 +563,13 @@ def test_first_run_says_the_kernels_compile(tmp_path, monkeypatch, capsys):
     assert run_quiet(write(tmp_path, TINY), run_dir=str(tmp_path / "o"))[0] == 0
     assert "compiling the BN kernels (numba; first run after install only" in \
         capsys.readouterr().err
+
+
+def test_cross_field_error_from_set_blames_the_set(tmp_path):
+    err = io.StringIO()
+    code = command.run(write(tmp_path, TINY), ["strategy.sync_group=3"],
+                       strategy=_PretendTwoRanks(), err=err, out=io.StringIO(),
+                       run_dir=str(tmp_path / "o"))
+    assert code == 2
+    assert ("--set strategy.sync_group=3: strategy.sync_group: must divide the number of "
+            "ranks (2), got 3") in err.getvalue()
