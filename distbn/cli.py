@@ -66,8 +66,11 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    import socket
+
     from distbn.launcher import run_group
     from distbn.mpiexec import mpiexec_command, one_thread_env
+    from distbn.train.preemption import LAUNCHER_ENV
     from distbn.train.progress import TTY_ENV
 
     if args.n < 1:
@@ -77,6 +80,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         print(f"distbn launch: error: hostfile {args.hostfile!r} does not exist",
               file=sys.stderr)
         return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.hostfile is None and cores and args.n > cores:
+        print(f"distbn launch: warning: {args.n} ranks on {cores} core(s) of this machine: "
+              "the ranks take turns on the cores and every collective waits for the slowest "
+              "(expect a slowdown well beyond the ratio); use -n <= cores or a --hostfile",
+              file=sys.stderr, flush=True)
     argv = [sys.executable, "-m", "mpi4py", "-m", "distbn", "train", *_train_argv(args)]
     try:
         cmd = mpiexec_command(args.n, argv, mpiexec=args.mpiexec, hostfile=args.hostfile)
@@ -93,6 +102,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     for flag, value in (("--hostfile", args.hostfile), ("--mpiexec", args.mpiexec)):
         typed += [flag, value] if value is not None else []
     env[COMMAND_ENV] = shlex.join([*typed, *_train_argv(args)])
+    # The ranks stop (with a checkpoint) when this launcher dies, instead of hanging.
+    env[LAUNCHER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
     print(f"distbn launch: {shlex.join(cmd)}", flush=True)
     # mpiexec and the ranks in their own process group; SIGTERM/SIGUSR1 sent to this
     # launcher reach the ranks as SIGUSR1 (they checkpoint and exit 75: Hydra would end

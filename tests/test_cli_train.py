@@ -223,3 +223,10 @@ def test_ranks_stop_with_a_checkpoint_when_distbn_launch_is_killed(tmp_path, tin
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_launch_warns_about_more_ranks_than_cores(tmp_path, tiny, monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    code = cli.main(["launch", "-n", "3", str(tiny), "--mpiexec", str(tmp_path / "nope")])
+    assert code == 2  # the missing mpiexec; the warning comes first
+    assert "warning: 3 ranks on 2 core(s)" in capsys.readouterr().err
