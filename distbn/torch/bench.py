@@ -1,11 +1,16 @@
-"""One-rank speed of distbn's SyncBatchNorm against torch.nn.BatchNorm2d, in one process.
+"""Speed of distbn's SyncBatchNorm: against torch.nn.BatchNorm2d, and its sync overhead.
 
     python -m distbn.torch.bench [--shape 64,64,32,32] [--dtype float32] [--threads 1]
                                  [--samples 15] [--json]
+    mpiexec -n 2 python -m mpi4py -m distbn.torch.bench [same options]
 
-Each sample times forward+backward (`y = bn(x); y.backward(dy)`) of both modules, one
-after the other in alternating order, so the ratio is taken per pair on a noisy
-machine; the report gives medians. `measure()` returns the records for `distbn bench`.
+One process: each sample times forward+backward (`y = bn(x); y.backward(dy)`) of
+distbn's module (one replica) and PyTorch's, one after the other in alternating order,
+so the ratio is taken per pair on a noisy machine (`measure`). Under mpiexec with
+several ranks: the same module synchronized over every rank against it replica-local
+(`sync_group=1`), at the same per-rank shape, each sample started after a barrier and
+timed on the slowest rank (`measure_sync`). The report gives medians; both functions
+return records for `distbn bench`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from distbn.torch._import import require_torch
 
 torch = require_torch()
 
-__all__ = ["measure", "main"]
+__all__ = ["measure", "measure_sync", "main"]
 
 _LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -103,6 +108,67 @@ def measure(shape=(64, 64, 32, 32), dtype="float32", threads=1, samples=15, call
     return records
 
 
+def measure_sync(shape=(64, 64, 32, 32), dtype="float32", threads=1, samples=15, calls=3,
+                 warmup=3, layouts=("contiguous", "channels_last"), seed=0, comm=None):
+    """Time SyncBatchNorm synchronized over every rank vs replica-local (collective).
+
+    Args:
+        shape: the per-rank (N, C, H, W) input shape.
+        dtype, threads, samples, calls, warmup, layouts, seed: as `measure`.
+        comm: the mpi4py communicator (default COMM_WORLD).
+
+    Returns:
+        Records (the same on every rank), one per layout: value = median ratio of the
+        synchronized to the replica-local time, both the slowest rank's per sample.
+    """
+    from mpi4py import MPI
+
+    from distbn.distribute import MPIStrategy
+    from distbn.torch.batchnorm import SyncBatchNorm
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    synced, local = MPIStrategy(comm), MPIStrategy(comm, sync_group=1)
+    old_threads = torch.get_num_threads()
+    _set_threads(threads)
+    gen = torch.Generator().manual_seed(seed + comm.rank)
+    tdtype = getattr(torch, dtype)
+    records = []
+    try:
+        for layout in layouts:
+            fmt = _LAYOUTS[layout]
+            x = torch.randn(*shape, generator=gen, dtype=tdtype).to(memory_format=fmt)
+            dy = torch.randn(*shape, generator=gen, dtype=tdtype).to(memory_format=fmt)
+            x.requires_grad_(True)
+            mods = {name: SyncBatchNorm(shape[1], dtype=tdtype, strategy=st)
+                    for name, st in (("sync", synced), ("local", local))}
+            for m in mods.values():
+                _fwd_bwd(m, x, dy, warmup)
+            times = {"sync": [], "local": []}
+            for i in range(samples):
+                order = ("sync", "local") if i % 2 == 0 else ("local", "sync")
+                for name in order:
+                    comm.Barrier()
+                    t = _fwd_bwd(mods[name], x, dy, calls)
+                    times[name].append(comm.allreduce(t, op=MPI.MAX))
+            ratios = [a / b for a, b in zip(times["sync"], times["local"], strict=True)]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            records.append({
+                "name": "torch_sync_bn_fwd_bwd", "metric": "time_ratio_vs_local",
+                "value": statistics.median(ratios), "unit": "ratio",
+                "world_size": comm.size,
+                "params": {"shape": list(shape), "dtype": dtype, "layout": layout,
+                           "threads": threads, "samples": samples, "calls": calls,
+                           "sync_ms": 1e3 * statistics.median(times["sync"]),
+                           "local_ms": 1e3 * statistics.median(times["local"]),
+                           "ratio_q1": q[0], "ratio_q3": q[2]},
+            })
+    finally:
+        _set_threads(old_threads)
+        synced.close()
+        local.close()
+    return records
+
+
 def main(argv=None) -> int:
     """`python -m distbn.torch.bench`: print the ratio per layout (or JSON records)."""
     p = argparse.ArgumentParser(prog="python -m distbn.torch.bench", description=__doc__,
@@ -125,24 +191,45 @@ def main(argv=None) -> int:
     # As distbn's other commands: freed arrays stay mapped (no page faults per call),
     # for both modules alike; DISTBN_MALLOC=default keeps glibc's behaviour.
     retain_freed_memory()
-    records = measure(shape, args.dtype, args.threads, args.samples, args.calls)
+    from distbn.distribute import launched_world_size
+
+    world = launched_world_size()
+    if world > 1:
+        records = measure_sync(shape, args.dtype, args.threads, args.samples, args.calls)
+    else:
+        records = measure(shape, args.dtype, args.threads, args.samples, args.calls)
     for r in records:
         r["params"]["malloc"] = malloc_setting()
+    rank0 = world <= 1 or _rank() == 0
     if args.json:
-        json.dump(records, sys.stdout, indent=2)
-        print()
+        if rank0:
+            json.dump(records, sys.stdout, indent=2)
+            print()
         return 0
     from distbn.ops import backend_name
 
-    print(f"forward+backward, one rank, {args.threads} thread(s), shape {shape} "
+    if not rank0:
+        return 0
+    print(f"forward+backward, {world} rank(s), {args.threads} thread(s) each, shape {shape} "
           f"{args.dtype}, kernels: {backend_name()}, malloc: {malloc_setting()}, "
           f"torch {torch.__version__}")
     for r in records:
         pr = r["params"]
-        print(f"  {pr['layout']:<14} distbn {pr['distbn_ms']:7.2f} ms   torch "
-              f"{pr['torch_ms']:7.2f} ms   ratio {r['value']:.3f} "
-              f"(quartiles {pr['ratio_q1']:.3f}-{pr['ratio_q3']:.3f})")
+        if world > 1:
+            print(f"  {pr['layout']:<14} synchronized {pr['sync_ms']:7.2f} ms   "
+                  f"replica-local {pr['local_ms']:7.2f} ms   ratio {r['value']:.3f} "
+                  f"(quartiles {pr['ratio_q1']:.3f}-{pr['ratio_q3']:.3f})")
+        else:
+            print(f"  {pr['layout']:<14} distbn {pr['distbn_ms']:7.2f} ms   torch "
+                  f"{pr['torch_ms']:7.2f} ms   ratio {r['value']:.3f} "
+                  f"(quartiles {pr['ratio_q1']:.3f}-{pr['ratio_q3']:.3f})")
     return 0
+
+
+def _rank() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
 
 
 if __name__ == "__main__":

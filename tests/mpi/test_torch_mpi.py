@@ -180,3 +180,14 @@ def test_ddp_training_equals_one_process_on_the_global_batch(process_group, comm
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-8, msg=key)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_bench_measure_sync_records_agree_on_every_rank(comm):
+    from distbn.torch.bench import measure_sync
+
+    records = measure_sync(shape=(2, 3, 4, 4), samples=2, calls=1, warmup=1, comm=comm)
+    every = comm.allgather([(r["value"], r["params"]["layout"]) for r in records])
+    assert all(e == every[0] for e in every)
+    assert [r["world_size"] for r in records] == [comm.size] * 2
+    assert all(r["value"] > 0 for r in records)
