@@ -27,9 +27,9 @@ if int(_keras.__version__.split(".")[0]) < 3:  # pragma: no cover
     )
 
 from distbn.keras import callbacks, layers  # noqa: E402
+from distbn.keras.callbacks import broadcast_variables  # noqa: E402
 from distbn.keras.convert import convert_sync_batchnorm  # noqa: E402
 from distbn.keras.data import local_batch_size, shard  # noqa: E402
-from distbn.keras.callbacks import broadcast_variables  # noqa: E402
 from distbn.keras.optimizer import DistributedOptimizer  # noqa: E402
 
 __all__ = [

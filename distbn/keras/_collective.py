@@ -297,7 +297,7 @@ def mean_gradients(grads, strategy, bucket_bytes=DEFAULT_BUCKET_BYTES, name="gra
             reduced = _torch_mean(grads, idx, n, strategy, label)
         else:
             reduced = _numpy_mean(grads, idx, n, strategy, label)
-        for i, g in zip(idx, reduced):
+        for i, g in zip(idx, reduced, strict=True):
             out[i] = g
     return out
 
@@ -360,6 +360,7 @@ def broadcast_arrays(arrays, strategy, root=0, name="variables"):
         if flat.dtype == np.bool_:
             flat = flat.astype(np.uint8)
         strategy.broadcast(flat, root=root, name=f"{name}/{key}")
-        for i, part in zip(idx, _split(flat, [arrays[i].shape for i in idx], np.reshape)):
+        parts = _split(flat, [arrays[i].shape for i in idx], np.reshape)
+        for i, part in zip(idx, parts, strict=True):
             out[i] = part.astype(arrays[i].dtype, copy=False)
     return out

@@ -23,7 +23,7 @@ def broadcast_variables(variables, root_rank=0, strategy=None):
         return
     values = [keras.ops.convert_to_numpy(v) for v in variables]
     for v, value in zip(variables, _collective.broadcast_arrays(values, strategy,
-                                                                root=root_rank)):
+                                                                root=root_rank), strict=True):
         v.assign(value)
 
 
@@ -107,8 +107,8 @@ class MetricAverageCallback(keras.callbacks.Callback):
         val = self._val_count if self._val_count is not None else 0.0
         keys = sorted(k for k, v in logs.items() if np.ndim(v) == 0)
         weights = [val if k.startswith("val_") else train for k in keys]
-        buf = np.array([w * float(logs[k]) for k, w in zip(keys, weights)] + [train, val],
-                       dtype=np.float64)
+        sums = [w * float(logs[k]) for k, w in zip(keys, weights, strict=True)]
+        buf = np.array(sums + [train, val], dtype=np.float64)
         strategy.all_reduce(buf, name="metric_average")
         total_train, total_val = buf[-2], buf[-1]
         for i, k in enumerate(keys):

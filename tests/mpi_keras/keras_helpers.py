@@ -42,7 +42,7 @@ class TrainCall:
         tv = [v.value for v in layer.trainable_variables]
         ntv = [v.value for v in layer.non_trainable_variables]
         (dx, dtv), (y, new_ntv) = self._fn(x, tv, ntv, dy, mask)
-        for v, val in zip(layer.non_trainable_variables, new_ntv):
+        for v, val in zip(layer.non_trainable_variables, new_ntv, strict=True):
             v.assign(val)
         return to_numpy(y), to_numpy(dx), [to_numpy(g) for g in dtv]
 

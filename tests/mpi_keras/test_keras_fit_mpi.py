@@ -70,7 +70,7 @@ def test_fit_equals_one_process_on_global_batches(comm):
 
     assert len(set(differs)) > 1  # the broadcast had something to do
     assert all(e == everyone[0] for e in everyone)  # replicas identical
-    for g, w in zip(got, reference.get_weights()):
+    for g, w in zip(got, reference.get_weights(), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(history.history[key], ref_history.history[key],

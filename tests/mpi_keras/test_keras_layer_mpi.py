@@ -69,8 +69,8 @@ def test_equals_keras_on_concatenated_batch(strategy, comm, kind, masked, axis):
         want.append((yr[sl], dxr[sl], dgr, dbr, np.concatenate(
             [keras.ops.convert_to_numpy(plain.moving_mean),
              keras.ops.convert_to_numpy(plain.moving_variance)])))
-    for step, (g, w) in enumerate(zip(got, want)):
-        for what, a, b in zip(("y", "dx", "dgamma", "dbeta", "moving"), g[:5], w):
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        for what, a, b in zip(("y", "dx", "dgamma", "dbeta", "moving"), g[:5], w, strict=True):
             close(a, b, f"step {step} {what}")
         for other in g[5]:
             np.testing.assert_array_equal(other, g[4])  # identical on every rank
