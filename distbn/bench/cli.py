@@ -94,6 +94,8 @@ def _command_line(args, suites) -> str:
         argv.append("--tiny")
     if args.ranks:
         argv += ["--ranks", args.ranks]
+    if args.no_launch:
+        argv.append("--no-launch")
     if args.threads:
         argv += ["--threads", args.threads]
     if args.cold_start:
