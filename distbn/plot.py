@@ -145,10 +145,13 @@ def kernel_figure(plt, records):
     def case(p):
         return (_shape(p), p.get("dtype"), p.get("layout"), p.get("threads"))
 
+    several = len({r["params"].get("threads") for r in passes}) > 1
+
     def label(r):
         p = r["params"]
         name = r["name"].split(".", 1)[1]
-        return f"{_SHORT.get(name, name)} {_shape(p)} {p.get('dtype')}"
+        threads = f" {p.get('threads')} thr" if several else ""
+        return f"{_SHORT.get(name, name)} {_shape(p)} {p.get('dtype')}{threads}"
 
     labels = list(dict.fromkeys(label(r) for r in passes))
     bars = {}
