@@ -36,7 +36,8 @@ def _copy(tmp_path) -> Path:
 @pytest.mark.parametrize("module,line,contract", [
     ("distbn/ops/_bad_import.py", "import distbn.distribute\n", "Layers"),
     ("distbn/layers/_bad_import.py", "from distbn.train import trainer\n", "Layers"),
-    ("distbn/torch/_bad_import.py", "import distbn.models\n", "Framework adapters"),
+    ("distbn/torch/_bad_import.py", "import distbn.models\n", "Layers"),
+    ("distbn/keras/_bad_import.py", "from distbn.layers import BatchNormalization\n", "Layers"),
 ])
 def test_a_wrong_import_breaks_a_contract(tmp_path, module, line, contract):
     root = _copy(tmp_path)
