@@ -12,26 +12,34 @@ from distbn.distribute import (  # noqa: E402  (mpi4py is imported lazily)
 )
 from distbn.layers import (  # noqa: E402
     Activation,
+    Add,
     AveragePooling2D,
     BatchNormalization,
+    Concatenate,
+    Conv1D,
     Conv2D,
     Dense,
     Dropout,
     Flatten,
+    GlobalAveragePooling1D,
     GlobalAveragePooling2D,
+    GroupNormalization,
     Layer,
+    LayerNormalization,
     MaxPooling2D,
     ReLU,
     Variable,
 )
-from distbn.models import Sequential  # noqa: E402
+from distbn.models import Model, Sequential  # noqa: E402
 
 __all__ = [
     "__version__",
     # layers and model
     "Layer", "Variable", "BatchNormalization", "Dense", "Conv2D", "MaxPooling2D",
     "AveragePooling2D", "GlobalAveragePooling2D", "Flatten", "ReLU", "Activation",
-    "Dropout", "Sequential",
+    "Dropout", "Sequential", "Model",
+    "LayerNormalization", "GroupNormalization", "Conv1D", "GlobalAveragePooling1D", "Add",
+    "Concatenate",
     # strategies
     "Strategy", "LocalStrategy", "MPIStrategy", "get_strategy", "CollectiveMismatchError",
     # Keras-style helpers and kernels

@@ -1,4 +1,5 @@
-"""`Sequential`: a stack of layers with forward, backward and named weights."""
+"""Models: `Sequential` (a stack of layers) and `Model` (layers that name their inputs:
+residual blocks, branches and merges), with forward, backward and named weights."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import numpy as np
 from distbn.layers import registry
 from distbn.layers.base import Layer, Variable, _unique_name
 
-__all__ = ["Sequential"]
+__all__ = ["INPUT", "Model", "Sequential"]
+
+#: The name that stands for the model's input in a layer's `inputs`.
+INPUT = "input"
 
 
 class Sequential:
     """A linear stack of layers (Keras `Sequential` vocabulary, numpy forward/backward).
 
-    Weights are named `<layer name>/<weight name>`; layer names must be unique.
+    Weights are named `<layer name>/<weight name>`; layer names must be unique. `Model`
+    is the same with layers that name their inputs.
 
     Args:
         layers: iterable of Layer instances (or `{"type": ..., ...}` layer configs).
@@ -23,12 +28,51 @@ class Sequential:
     def __init__(self, layers=None, name=None):
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self.name = name if name is not None else _unique_name("sequential")
+        self.name = name if name is not None else _unique_name(self._default_name())
         self._layers: list[Layer] = []
         self.built = False
         self.input_shape = None
         for layer in layers or []:
             self.add(layer)
+
+    @classmethod
+    def _default_name(cls) -> str:
+        return "sequential"
+
+    # --- wiring: which outputs each layer takes (Model overrides) -----------------------------
+    def sources(self, index: int) -> list[str]:
+        """The names whose outputs layer `index` takes: the previous layer's (INPUT first)."""
+        return [INPUT if index == 0 else self._layers[index - 1].name]
+
+    @property
+    def order(self) -> list[int]:
+        """Layer indices in an order where every layer comes after its sources."""
+        return list(range(len(self._layers)))
+
+    def _inputs_of(self, index, values):
+        """Layer `index`'s input from `values` (name -> array or shape): one, or a list
+        for a layer that takes several."""
+        got = [values[name] for name in self.sources(index)]
+        return got if getattr(self._layers[index], "multi_input", False) else got[0]
+
+    def layer_outputs(self, x, training=False, sample_ids=None, step=None):
+        """Run the forward pass, yielding `(layer, output)` for each layer in `order`.
+
+        The same pass as `__call__` (which returns the last layer's output); the trainer
+        replays it to find the first layer with a non-finite output.
+        """
+        if not self.built:
+            self.build((None,) + np.shape(x)[1:])
+        values = {INPUT: x}
+        for i in self.order:
+            layer = self._layers[i]
+            h = self._inputs_of(i, values)
+            if getattr(layer, "uses_sample_ids", False):
+                out = layer(h, training=training, sample_ids=sample_ids, step=step)
+            else:
+                out = layer(h, training=training)
+            values[layer.name] = out
+            yield layer, out
 
     # --- structure -------------------------------------------------------------------------
     def add(self, layer) -> None:
@@ -36,10 +80,10 @@ class Sequential:
         if isinstance(layer, dict):
             layer = registry.deserialize(layer)
         if not isinstance(layer, Layer):
-            raise TypeError(f"Sequential {self.name!r}: expected a Layer, got {layer!r}")
+            raise TypeError(f"{type(self).__name__} {self.name!r}: expected a Layer, got {layer!r}")
         if any(existing.name == layer.name for existing in self._layers):
             raise ValueError(
-                f"Sequential {self.name!r}: duplicate layer name {layer.name!r}; "
+                f"{type(self).__name__} {self.name!r}: duplicate layer name {layer.name!r}; "
                 "layer names must be unique inside a model"
             )
         self._layers.append(layer)
@@ -56,28 +100,39 @@ class Sequential:
             if layer.name == name:
                 return layer
         raise ValueError(
-            f"Sequential {self.name!r} has no layer {name!r} "
+            f"{type(self).__name__} {self.name!r} has no layer {name!r} "
             f"(layers: {', '.join(la.name for la in self._layers)})"
         )
 
     def build(self, input_shape) -> None:
         """Build every unbuilt layer in order from the input shape (batch axis first,
         may be None)."""
-        shape = tuple(input_shape)
-        self.input_shape = shape
-        for layer in self._layers:
+        self.input_shape = tuple(input_shape)
+        for layer, shape in self.build_layers(input_shape):
+            pass
+        self.built = True
+
+    def build_layers(self, input_shape):
+        """Build every unbuilt layer in `order`, yielding `(layer, its output shape)`;
+        a layer that cannot take its input shape raises there (the builder blames its
+        config entry)."""
+        shapes = {INPUT: tuple(input_shape)}
+        for i in self.order:
+            layer = self._layers[i]
+            shape = self._inputs_of(i, shapes)
             if not layer.built:
                 layer.build(shape)
                 layer.built = True
-            shape = tuple(layer.compute_output_shape(shape))
-        self.built = True
+            shapes[layer.name] = tuple(layer.compute_output_shape(shape))
+            yield layer, shapes[layer.name]
 
     def compute_output_shape(self, input_shape) -> tuple:
-        """Output shape of the stack for `input_shape`."""
-        shape = tuple(input_shape)
-        for layer in self._layers:
-            shape = tuple(layer.compute_output_shape(shape))
-        return shape
+        """Output shape of the model (its last layer) for `input_shape`."""
+        shapes = {INPUT: tuple(input_shape)}
+        for i in self.order:
+            layer = self._layers[i]
+            shapes[layer.name] = tuple(layer.compute_output_shape(self._inputs_of(i, shapes)))
+        return shapes[self._layers[-1].name] if self._layers else tuple(input_shape)
 
     # --- passes ----------------------------------------------------------------------------
     def __call__(self, x, training=False, sample_ids=None, step=None):
@@ -102,12 +157,10 @@ class Sequential:
                 f"sample_ids must have one id per row of x (shape ({x.shape[0]},)), got "
                 f"shape {np.shape(sample_ids)}"
             )
-        for layer in self._layers:
-            if getattr(layer, "uses_sample_ids", False):
-                x = layer(x, training=training, sample_ids=sample_ids, step=step)
-            else:
-                x = layer(x, training=training)
-        return x
+        out = x
+        for _, out in self.layer_outputs(x, training, sample_ids, step):
+            pass
+        return out
 
     def backward(self, dy, regularization_scale=1.0):
         """Backward pass of the last call: sets every trainable weight's `.grad`.
@@ -122,8 +175,19 @@ class Sequential:
         Returns:
             The gradient w.r.t. the model input.
         """
-        for layer in reversed(self._layers):
-            dy = layer.backward(dy)
+        grads = {self._layers[-1].name: dy} if self._layers else {INPUT: dy}
+        for i in reversed(self.order):
+            layer = self._layers[i]
+            if layer.name not in grads:
+                raise ValueError(f"{type(self).__name__} {self.name!r}: the output of layer "
+                                 f"{layer.name!r} feeds no other layer nor the output")
+            d = layer.backward(grads.pop(layer.name))
+            names = self.sources(i)
+            for name, g in zip(names, d if getattr(layer, "multi_input", False) else [d],
+                               strict=True):
+                # An output used by several layers gets the sum of their gradients.
+                grads[name] = g if name not in grads else grads[name] + g
+        dy = grads[INPUT]
         if regularization_scale != 1.0:
             for w in self.trainable_weights:
                 if w.regularizer is not None and w.grad is not None:
@@ -151,7 +215,7 @@ class Sequential:
             for w in layer.weights:
                 key = f"{layer.name}/{w.name}"
                 if key in named:
-                    raise ValueError(f"Sequential {self.name!r}: two weights named {key!r}")
+                    raise ValueError(f"{type(self).__name__} {self.name!r}: two weights named {key!r}")
                 named[key] = w
         return named
 
@@ -170,19 +234,19 @@ class Sequential:
         missing = [k for k in named if k not in values]
         if missing:
             raise ValueError(
-                f"Sequential {self.name!r}: weight dict lacks {missing[0]!r}"
+                f"{type(self).__name__} {self.name!r}: weight dict lacks {missing[0]!r}"
                 + (f" (and {len(missing) - 1} more: {missing[1:]})" if len(missing) > 1 else "")
             )
         extra = [k for k in values if k not in named]
         if extra:
             raise ValueError(
-                f"Sequential {self.name!r}: weight dict has unexpected tensor {extra[0]!r} "
+                f"{type(self).__name__} {self.name!r}: weight dict has unexpected tensor {extra[0]!r} "
                 f"(model weights: {', '.join(named)})"
             )
         for key, w in named.items():
             if np.shape(values[key]) != w.shape:
                 raise ValueError(
-                    f"Sequential {self.name!r}: tensor {key!r} has shape "
+                    f"{type(self).__name__} {self.name!r}: tensor {key!r} has shape "
                     f"{np.shape(values[key])}, the model expects {w.shape}"
                 )
         for key, w in named.items():
@@ -207,15 +271,20 @@ class Sequential:
         """A table of layer name, type, output shape and parameter count, with totals."""
         if not self.built:
             raise ValueError(
-                f"Sequential {self.name!r} is not built: call build(input_shape) or the "
-                "model on a batch first"
+                f"{type(self).__name__} {self.name!r} is not built: call "
+                "build(input_shape) or the model on a batch first"
             )
         rows = [("Layer (name)", "Type", "Output shape", "Params")]
-        shape = self.input_shape
-        for layer in self._layers:
-            shape = tuple(layer.compute_output_shape(shape))
+        shapes = {INPUT: self.input_shape}
+        for i in self.order:
+            layer = self._layers[i]
+            shape = tuple(layer.compute_output_shape(self._inputs_of(i, shapes)))
+            shapes[layer.name] = shape
             params = sum(w.value.size for w in layer.weights)
-            rows.append((layer.name, type(layer).__name__, str(shape), f"{params:,}"))
+            kind = type(layer).__name__
+            if self.sources(i) != Sequential.sources(self, i):
+                kind += f" <- {', '.join(self.sources(i))}"
+            rows.append((layer.name, kind, str(shape), f"{params:,}"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
 
         def fmt(r):
@@ -245,3 +314,117 @@ class Sequential:
 
     def __repr__(self) -> str:
         return f"<Sequential name={self.name!r} layers={len(self._layers)} built={self.built}>"
+
+
+class Model(Sequential):
+    """Layers that name their inputs: residual blocks, branches and merges.
+
+    Each layer takes the outputs of the layers its `inputs` entry names (`INPUT`, i.e.
+    "input", is the model's input), by default the previous layer's, so a model
+    without `inputs` is a `Sequential`. Layers that take several inputs (`Add`,
+    `Concatenate`: `multi_input = True`) get a list. The model's output is the last
+    layer's; every other layer's output must feed some layer. Backward sums the
+    gradients of an output used by several layers.
+
+    Args:
+        layers: Layer instances (or layer config dicts), in any order that the graph
+            allows (layers run in the order given when it is already one).
+        inputs: {layer name: [source names]} for the layers that do not take the
+            previous layer's output.
+        name: the model's name; default a unique "model[_N]".
+
+    Raises:
+        ValueError: naming the layer, for an unknown source, a cycle, several sources
+            for a single-input layer, or an output that feeds nothing.
+    """
+
+    def __init__(self, layers=None, inputs=None, name=None):
+        self._wiring = {k: list(v) for k, v in (inputs or {}).items()}
+        self._order = None
+        super().__init__(layers, name=name)
+        names = [la.name for la in self._layers]
+        for key in self._wiring:
+            if key not in names:
+                raise ValueError(f"Model {self.name!r}: inputs are given for {key!r}, which "
+                                 f"is not a layer (layers: {', '.join(names)})")
+        self._order = self._sort()
+
+    @classmethod
+    def _default_name(cls) -> str:
+        return "model"
+
+    def add(self, layer) -> None:
+        super().add(layer)
+        if self._order is not None:
+            self._order = self._sort()
+
+    def sources(self, index: int) -> list[str]:
+        name = self._layers[index].name
+        return self._wiring[name] if name in self._wiring else super().sources(index)
+
+    @property
+    def order(self) -> list[int]:
+        return list(self._order if self._order is not None else self._sort())
+
+    def _sort(self) -> list[int]:
+        """A topological order (stable: the given order where it already is one)."""
+        index = {la.name: i for i, la in enumerate(self._layers)}
+        for i, layer in enumerate(self._layers):
+            srcs = self.sources(i)
+            if not isinstance(srcs, list) or not srcs or not all(isinstance(s, str)
+                                                                   for s in srcs):
+                raise ValueError(f"Model {self.name!r}: layer {layer.name!r}: inputs must be "
+                                 f"a non-empty list of layer names, got {srcs!r}")
+            for src in srcs:
+                if src != INPUT and src not in index:
+                    close = [n for n in index if n.lower() == src.lower()]
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"Model {self.name!r}: layer {layer.name!r} takes "
+                                     f"{src!r}, which is neither a layer nor {INPUT!r}"
+                                     f"{hint}")
+                if src == layer.name:
+                    raise ValueError(f"Model {self.name!r}: layer {layer.name!r} takes its "
+                                     "own output (a cycle)")
+            if len(srcs) > 1 and not getattr(layer, "multi_input", False):
+                raise ValueError(f"Model {self.name!r}: layer {layer.name!r} "
+                                 f"({type(layer).__name__}) takes one input, got {srcs}; "
+                                 "merge them first with Add or Concatenate")
+        done, order, visiting = set(), [], []
+
+        def visit(i):
+            name = self._layers[i].name
+            if name in done:
+                return
+            if name in visiting:
+                cycle = visiting[visiting.index(name):] + [name]
+                raise ValueError(f"Model {self.name!r}: the inputs form a cycle: "
+                                 + " -> ".join(reversed(cycle)))
+            visiting.append(name)
+            for src in self.sources(i):
+                if src != INPUT:
+                    visit(index[src])
+            visiting.pop()
+            done.add(name)
+            order.append(i)
+
+        for i in range(len(self._layers)):
+            visit(i)
+        used = {src for i in range(len(self._layers)) for src in self.sources(i)}
+        for layer in self._layers[:-1]:
+            if layer.name not in used:
+                raise ValueError(f"Model {self.name!r}: the output of layer {layer.name!r} "
+                                 "feeds no other layer (the model's output is the last "
+                                 f"layer's, {self._layers[-1].name!r})")
+        return order
+
+    def get_config(self) -> dict:
+        """`{"name", "layers": [...], "inputs": {layer name: [sources]}}`."""
+        return {**super().get_config(), "inputs": {k: list(v) for k, v in self._wiring.items()}}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Model:
+        return cls([registry.deserialize(c) for c in config.get("layers", [])],
+                   inputs=config.get("inputs"), name=config.get("name"))
+
+    def __repr__(self) -> str:
+        return f"<Model name={self.name!r} layers={len(self._layers)} built={self.built}>"

@@ -16,7 +16,7 @@ import numpy as np
 from distbn import random as _random
 from distbn.layers import registry
 from distbn.layers.base import _snake_case
-from distbn.models import Sequential
+from distbn.models import Model, Sequential
 from distbn.layers import activations
 from distbn.train import data as _data
 from distbn.train import losses as _losses
@@ -132,6 +132,7 @@ def layer_kwargs(spec, model_config) -> tuple[type, dict]:
         raise spec.error("type", str(err)) from None
     accepted, open_kwargs = _accepted_arguments(cls)
     kwargs = dict(spec.kwargs)
+    kwargs.pop(INPUTS_KEY, None)  # the model's wiring, not the layer's (see build_model)
     if not open_kwargs:
         for key in kwargs:
             if key not in accepted:
@@ -150,6 +151,27 @@ def layer_kwargs(spec, model_config) -> tuple[type, dict]:
     if "data_format" in accepted:
         kwargs.setdefault("data_format", model_config.data_format)
     return cls, kwargs
+
+
+# A layer entry's key naming the layers (or "input") whose outputs it takes.
+INPUTS_KEY = "inputs"
+
+
+def _wiring(specs, names) -> dict:
+    """{layer name: [source names]} from the entries that have `inputs`, checked for type;
+    the graph itself (unknown names, cycles) is checked by `Model`, blamed here."""
+    wiring = {}
+    for spec, name in zip(specs, names, strict=True):
+        if INPUTS_KEY not in spec.kwargs:
+            continue
+        srcs = spec.kwargs[INPUTS_KEY]
+        if isinstance(srcs, str):
+            srcs = [srcs]
+        if not isinstance(srcs, list) or not srcs or not all(isinstance(x, str) for x in srcs):
+            raise spec.error(INPUTS_KEY, "must be a layer name or a non-empty list of layer "
+                                         f"names (or 'input'), got {srcs!r}")
+        wiring[name] = srcs
+    return wiring
 
 
 def _auto_names(specs) -> list[str]:
@@ -194,7 +216,8 @@ def build_model(config, input_shape, num_classes=None, strategy=None) -> Sequent
         strategy: the strategy synchronized layers use; None: the current one.
 
     Returns:
-        A built `Sequential`. Raises `ConfigError` located at the offending entry.
+        A built `Sequential`, or a `Model` (a subclass) when some entry names its
+        `inputs`. Raises `ConfigError` located at the offending entry.
     """
     _random.set_seed(config.seed)
     specs = config.model.layers
@@ -209,23 +232,33 @@ def build_model(config, input_shape, num_classes=None, strategy=None) -> Sequent
                 layers.append(cls(**kwargs))
             except (TypeError, ValueError, NotImplementedError) as err:
                 raise spec.error(_blame(str(err), spec.kwargs), f"{spec.type}: {err}") from None
+    dups = [s for s, n in zip(specs, names, strict=True) if names.count(n) > 1]
+    if dups:
+        dup = next((s for s in dups if "name" in s.kwargs), dups[0])
+        raise dup.error("name", f"duplicate layer name {names[dup.index]!r}; layer names "
+                                "must be unique inside a model")
+    wiring = _wiring(specs, names)
+    spec_of = dict(zip(names, specs, strict=True))
     try:
-        model = Sequential(layers, name="model")
-    except ValueError as err:  # duplicate layer names
-        dup = next(s for s, n in zip(specs, names, strict=True)
-                   if names.count(n) > 1 and "name" in s.kwargs)
-        raise dup.error("name", str(err)) from None
+        model = Model(layers, inputs=wiring, name="model") if wiring else Sequential(
+            layers, name="model")
+    except ValueError as err:  # a name that is not a layer, a cycle, a dangling output
+        blamed = next((spec_of[n] for n in names if f"layer {n!r}" in str(err)), specs[-1])
+        raise blamed.error(INPUTS_KEY if INPUTS_KEY in blamed.kwargs else None,
+                           str(err)) from None
     # Build layer by layer so a shape problem is blamed on its entry.
     shape = (None,) + tuple(input_shape)
-    for spec, layer in zip(specs, layers, strict=True):
+    built = model.build_layers(shape)
+    for i in model.order:
+        spec, layer = specs[i], layers[i]
         try:
-            layer.build(shape)
-            layer.built = True
-            shape = tuple(layer.compute_output_shape(shape))
+            _, shape = next(built)
         except (TypeError, ValueError) as err:
-            raise spec.error(None, f"{spec.type} {layer.name!r} cannot take input shape "
-                                   f"{shape}: {err}") from None
+            where = ", ".join(model.sources(i))
+            raise spec.error(None, f"{spec.type} {layer.name!r} cannot take the output of "
+                                   f"{where}: {err}") from None
     model.build((None,) + tuple(input_shape))
+    shape = tuple(model.compute_output_shape((None,) + tuple(input_shape)))
     if num_classes is not None and shape != (None, num_classes):
         raise specs[-1].error(None, f"the model's output shape is {shape}, but the data "
                                     f"have {num_classes} classes: end with a layer of "

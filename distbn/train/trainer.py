@@ -261,16 +261,13 @@ class Trainer:
         saved = self._moving_statistics()
         first = None
         try:
-            h = x
             with np.errstate(all="ignore"):
-                for i, layer in enumerate(self.model.layers):
-                    if getattr(layer, "uses_sample_ids", False):
-                        h = layer(h, training=True, sample_ids=local, step=step)
-                    else:
-                        h = layer(h, training=True)
+                outputs = self.model.layer_outputs(x, training=True, sample_ids=local,
+                                                   step=step)
+                for layer, h in outputs:
                     # Every layer runs on every rank (synchronized ones communicate).
                     if first is None and not np.all(np.isfinite(h)):
-                        first = (i, layer.name)
+                        first = (self.model.layers.index(layer), layer.name)
         finally:
             for var, value in saved:
                 var.assign(value)

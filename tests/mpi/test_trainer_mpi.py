@@ -110,6 +110,44 @@ def test_n_ranks_reproduce_one_rank(strategy, batch):
     assert summary["train_loss"] == pytest.approx(ref_summary["train_loss"], abs=1e-10)
 
 
+RESNET = textwrap.dedent("""\
+    seed: 2
+    data: {name: patterns, n_train: 30, n_test: 9, image_size: 8}
+    model:
+      dtype: float64
+      layers:
+        - {type: Conv2D, filters: 4, kernel_size: 3, padding: same, use_bias: false}
+        - {type: BatchNormalization, momentum: 0.8}
+        - {type: ReLU, name: stem}
+        - {type: Conv2D, filters: 4, kernel_size: 3, padding: same, use_bias: false}
+        - {type: BatchNormalization, momentum: 0.8, name: residual}
+        - {type: Conv2D, filters: 4, kernel_size: 1, use_bias: false, inputs: [stem]}
+        - {type: BatchNormalization, momentum: 0.8, name: shortcut}
+        - {type: Add, inputs: [shortcut, residual]}
+        - {type: ReLU}
+        - {type: GlobalAveragePooling2D}
+        - {type: Dense, units: 10}
+    train:
+      from_logits: true
+      global_batch_size: 7
+      steps: 5
+      optimizer: {name: sgd, learning_rate: 0.1, momentum: 0.9}
+    logging: {every_steps: 5, progress: none}
+""")
+
+
+@pytest.mark.mpi
+def test_n_ranks_reproduce_one_rank_for_a_residual_network(strategy):
+    """A branching model: the shortcut's and the residual's BN both synchronized."""
+    config = parse_config(RESNET)
+    t, _ = _train(config, strategy)
+    ref, _ = _train(config, distbn.LocalStrategy())
+    got, want = t.model.get_weight_dict(), ref.model.get_weight_dict()
+    assert got.keys() == want.keys() and "shortcut/moving_mean" in got
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-8, err_msg=key)
+
+
 @pytest.mark.mpi
 def test_replica_local_moving_statistics_are_averaged(strategy, comm):
     config = parse_config(CONFIG, overrides=["model.synchronized=false"])
