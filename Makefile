@@ -26,7 +26,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/distbn launch -n 2 configs/quickstart.yaml
 
+# The import contracts (pyproject.toml [tool.importlinter]: nothing imports upward), then
+# the tests.
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
