@@ -23,6 +23,7 @@ import dataclasses
 import os
 import signal
 import subprocess
+import sys
 import time
 
 __all__ = ["DEFAULT_GRACE_S", "TIMEOUT_EXIT", "INTERRUPT_EXIT", "GroupResult", "exit_status",
@@ -126,7 +127,7 @@ def stop_group(proc: subprocess.Popen, grace: float = DEFAULT_GRACE_S) -> None:
 
 
 @contextlib.contextmanager
-def _forwarding(proc: subprocess.Popen):
+def _forwarding(proc: subprocess.Popen, label: str = "distbn launch"):
     """While the child runs: SIGTERM/SIGUSR1 -> SIGUSR1 to it; a first SIGINT -> SIGINT
     to its group; a second SIGINT -> KeyboardInterrupt (the stop policy)."""
     interrupts = []
@@ -141,6 +142,10 @@ def _forwarding(proc: subprocess.Popen):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
             return
+        # Say which signal arrived as it was sent: the ranks only see SIGUSR1.
+        print(f"{label}: got {signal.Signals(signum).name}; passing it to the job as "
+              "SIGUSR1 (the ranks checkpoint at the next step and exit 75)",
+              file=sys.stderr, flush=True)
         proc.send_signal(signal.SIGUSR1)
 
     stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

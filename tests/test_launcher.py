@@ -66,7 +66,7 @@ def test_exit_code_and_captured_output():
     assert res.exit_code == 137 and res.describe() == "signal 9"
 
 
-def test_forwarded_sigterm_reaches_the_child_as_sigusr1():
+def test_forwarded_sigterm_reaches_the_child_as_sigusr1(capfd):
     script = ("import signal, sys, time\n"
               "signal.signal(signal.SIGUSR1, lambda s, f: sys.exit(75))\n"
               "print('ready', flush=True)\n"
@@ -83,3 +83,6 @@ def test_forwarded_sigterm_reaches_the_child_as_sigusr1():
         timer.cancel()
     assert res.returncode == 75 and res.exit_code == 75, res
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+    # The user learns which signal arrived; the ranks' own message can only say SIGUSR1.
+    assert "distbn launch: got SIGTERM; passing it to the job as SIGUSR1" in \
+        capfd.readouterr().err
