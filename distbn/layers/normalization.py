@@ -9,6 +9,7 @@ import numpy as np
 
 from distbn import constraints, initializers, regularizers
 from distbn import ops as _ops
+from distbn.ops import renorm as _renorm
 from distbn.distribute import get_strategy
 from distbn.faults import maybe_fail
 from distbn.layers.base import Layer
@@ -16,8 +17,9 @@ from distbn.layers.base import Layer
 __all__ = ["BatchNormalization"]
 
 # tf.keras 2 config keys that Keras 3 dropped: accepted by from_config while they ask
-# for nothing distbn lacks.
-_LEGACY_KEYS = ("fused", "virtual_batch_size", "adjustment")
+# for nothing distbn lacks (virtual_batch_size is a constructor argument).
+_LEGACY_KEYS = ("fused", "adjustment")
+_RENORM_CLIPPING_KEYS = ["rmax", "rmin", "dmax"]
 
 
 def _is_number(v) -> bool:
@@ -42,6 +44,38 @@ def _check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def _check_renorm_clipping(renorm_clipping) -> dict:
+    """Keras 3's validation of `renorm_clipping` (renorm=True), with its messages."""
+    clipping = {} if renorm_clipping is None else renorm_clipping
+    if not isinstance(clipping, dict):
+        raise ValueError(
+            "renorm_clipping must be a dict with optional keys "
+            f"{_RENORM_CLIPPING_KEYS}, got renorm_clipping={renorm_clipping!r}"
+        )
+    if set(clipping) - set(_RENORM_CLIPPING_KEYS):
+        raise ValueError(
+            "Received invalid keys for `renorm_clipping` argument: "
+            f"{clipping}. Supported values: {_RENORM_CLIPPING_KEYS}."
+        )
+    for key, value in clipping.items():
+        if value is not None and not _is_number(value):
+            raise ValueError(
+                f"renorm_clipping[{key!r}] must be a float or None, got {value!r}"
+            )
+    rmax, rmin, dmax = (clipping.get(k) for k in _RENORM_CLIPPING_KEYS)
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            "rmax should be greater than rmin in the `renorm_clipping` argument. "
+            f"Received: rmax={rmax}, rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            "dmax should be non-negative in the `renorm_clipping` argument. "
+            f"Received: dmax={dmax}."
+        )
+    return dict(clipping)
+
+
 @dataclass
 class _Cache:
     """What `backward` needs from the last call."""
@@ -52,8 +86,13 @@ class _Cache:
     mask: np.ndarray | None  # boolean, x's rank (training mode only)
     mean: np.ndarray         # float64 channel arrays the output was normalised with
     var: np.ndarray
-    gamma: np.ndarray | None
+    gamma: np.ndarray | None  # the scale applied to x̂ (gamma·r with renorm)
     count: np.ndarray | None  # global N per channel in training mode; None in inference
+    shape: tuple = ()         # the caller's input shape (x is reshaped for ghost batches)
+    red: tuple = ()           # the axes x's statistics reduce over
+    ghost: bool = False       # x is (k, B/k, ...): sums carry a leading ghost-batch axis
+    renorm_r: np.ndarray | None = None  # renorm corrections (constants in backward)
+    renorm_d: np.ndarray | None = None
 
 
 class BatchNormalization(Layer):
@@ -90,7 +129,25 @@ class BatchNormalization(Layer):
         forward, one of [Σdy, Σdy·x̂] per training backward, none in inference and none
         with a single replica. Masks are synchronized too (the counts come from them).
         A rank with an empty local batch still takes part. See docs/numerics.md.
-      * `renorm=True` raises NotImplementedError (renorm False/None keys are accepted).
+      * `renorm=True` (batch renormalization, as Keras 3.14+): training normalises with
+        the batch statistics, then applies the clipped corrections
+        `r = s / max(renorm_stddev, sqrt(eps))`, `d = (mean - renorm_mean) / max(...)`
+        (s = sqrt(var + eps)) as constants: `y = x̂ (gamma r) + (gamma d + beta)`. Extra
+        non-trainable weights, after moving_variance: moving_stddev, renorm_mean,
+        renorm_stddev (initialised to sqrt(moving_variance), moving_mean and
+        sqrt(moving_variance)). Each training call updates renorm_mean/renorm_stddev
+        with `renorm_momentum`, moving_mean/moving_stddev with `momentum`, and sets
+        `moving_variance = max(moving_stddev² - eps, 0)`. Inference is unchanged. Works
+        with masks, float16 and `synchronized=True` (r and d from the global statistics).
+      * `virtual_batch_size=k` (ghost batch normalization, tf-keras 2 semantics): in
+        training, a batch of B samples (B divisible by k) is normalised as B/k ghost
+        batches of k samples, each with its own statistics; ghost batch j holds samples
+        j, j + B/k, j + 2B/k, ... (tf-keras' reshape to (k, B/k, ...)), not contiguous
+        runs. The moving statistics (and renorm's corrections and updates) use the mean
+        over ghost batches of their means and variances. Inference is unchanged; weights
+        keep the (C,) shapes (tf-keras' (1, ..., C) weights are reshaped by
+        `set_weights`). A ghost batch is local by definition, so `synchronized=True` is
+        refused; so is a mask in training (tf-keras has no consistent meaning for it).
       * The masked mean is exact: Keras divides by (count + 1e-7), a bias that only
         shows when a channel has about one unmasked position (variance ~0).
       * Statistics and moving-average updates are computed in float64, then stored in
@@ -109,7 +166,11 @@ class BatchNormalization(Layer):
         beta_constraint, gamma_constraint: anything `distbn.constraints.get` accepts;
             exposed as the weights' `.constraint` for the optimizer.
         synchronized: compute batch statistics over all replicas.
-        renorm, renorm_clipping, renorm_momentum: Keras 3 keys; only renorm=False works.
+        renorm: use batch renormalization in training.
+        renorm_clipping: dict with optional keys "rmax", "rmin", "dmax" (floats): r is
+            clipped to [rmin, rmax], d to [-dmax, dmax]; missing keys do not clip.
+        renorm_momentum: momentum of renorm_mean / renorm_stddev, in [0, 1].
+        virtual_batch_size: None, or the ghost-batch size k (a positive int).
         name, dtype, trainable: as `distbn.Layer`.
     """
 
@@ -118,15 +179,26 @@ class BatchNormalization(Layer):
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
                  gamma_constraint=None, synchronized=False, renorm=False,
-                 renorm_clipping=None, renorm_momentum=0.99, name=None, dtype=None,
-                 trainable=True, **kwargs):
+                 renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None,
+                 name=None, dtype=None, trainable=True, **kwargs):
         super().__init__(name=name, dtype=dtype, trainable=trainable, **kwargs)
-        if renorm:
-            raise NotImplementedError(
-                f"BatchNormalization: renorm={renorm!r} (batch renormalization) is not "
-                "implemented in distbn"
-            )
         self.axis = _check_axis(axis)
+        self.renorm = _check_bool(False if renorm is None else renorm, "renorm")
+        # Keras keeps renorm_clipping as given ({} for None once renorm is on).
+        self.renorm_clipping = (_check_renorm_clipping(renorm_clipping) if self.renorm
+                                else renorm_clipping)
+        if not _is_number(renorm_momentum) or not 0.0 <= renorm_momentum <= 1.0:
+            raise ValueError("renorm_momentum must be a float in [0, 1], got "
+                             f"renorm_momentum={renorm_momentum!r}")
+        self.renorm_momentum = float(renorm_momentum)
+        if virtual_batch_size is not None and not (
+                isinstance(virtual_batch_size, (int, np.integer))
+                and not isinstance(virtual_batch_size, bool) and virtual_batch_size > 0):
+            raise ValueError(
+                "virtual_batch_size must be a positive integer that divides the batch "
+                f"size, got virtual_batch_size={virtual_batch_size!r}"
+            )
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         if not _is_number(momentum) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be a float in [0, 1], got momentum={momentum!r}")
         if not _is_number(epsilon) or not (math.isfinite(epsilon) and epsilon > 0):
@@ -136,6 +208,13 @@ class BatchNormalization(Layer):
         self.center = _check_bool(center, "center")
         self.scale = _check_bool(scale, "scale")
         self.synchronized = _check_bool(synchronized, "synchronized")
+        if self.synchronized and self.virtual_batch_size is not None:
+            raise ValueError(
+                "virtual_batch_size and synchronized=True cannot be combined: a ghost batch "
+                "is a subset of one replica's batch, so its statistics are local by "
+                f"definition; got virtual_batch_size={self.virtual_batch_size}, "
+                "synchronized=True"
+            )
         # The strategy is fixed at construction, as in Keras; a replica-local layer needs none.
         self._strategy = get_strategy() if self.synchronized else None
         self.beta_initializer = initializers.get(beta_initializer)
@@ -154,6 +233,7 @@ class BatchNormalization(Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = True
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
         self._axes: tuple = ()
         self._reduction_axes: tuple = ()
         self._cache: _Cache | None = None
@@ -182,6 +262,11 @@ class BatchNormalization(Layer):
             raise ValueError(
                 f"axis={self.axis!r} names the same axis twice for an input of rank {ndim}"
             )
+        if self.virtual_batch_size is not None and 0 in axes:
+            raise ValueError(
+                "with virtual_batch_size the batch axis 0 cannot be a channel axis; got "
+                f"axis={self.axis!r} for an input of shape {shape}"
+            )
         if any(shape[a] is None for a in axes):
             raise ValueError(
                 f"the channel axis {self.axis!r} of input shape {shape} must have a known size"
@@ -200,6 +285,18 @@ class BatchNormalization(Layer):
         self.moving_variance = self.add_weight("moving_variance", param_shape,
                                                self.moving_variance_initializer,
                                                trainable=False)
+        if self.renorm:
+            # Keras: moving_stddev and renorm_stddev start at sqrt(moving_variance's
+            # initializer), renorm_mean at moving_mean's. The values are reused rather
+            # than drawn again (a seeded initializer gives the same values either way).
+            stddev = np.sqrt(self.moving_variance.value)
+            mean = self.moving_mean.numpy()
+            self.moving_stddev = self.add_weight("moving_stddev", param_shape,
+                                                 lambda shape, dtype: stddev, trainable=False)
+            self.renorm_mean = self.add_weight("renorm_mean", param_shape,
+                                               lambda shape, dtype: mean, trainable=False)
+            self.renorm_stddev = self.add_weight("renorm_stddev", param_shape,
+                                                 lambda shape, dtype: stddev, trainable=False)
         self._axes = axes
         self._reduction_axes = _ops.reduce_axes_for(ndim, axes)
         self.input_shape = shape
@@ -238,10 +335,23 @@ class BatchNormalization(Layer):
         beta = self.beta.value.astype(np.float64) if self.center else None
 
         kern = _ops.kernels()  # the active backend: numba's fused kernels or numpy's
+        shape, ghost, r = x.shape, False, None
         if not (training and self.trainable):
             mean = self.moving_mean.value.astype(np.float64)
             var = self.moving_variance.value.astype(np.float64)
             count = mask = None
+            y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+        elif self.virtual_batch_size is not None:
+            x, red, y, count, mean, var, gamma, r, d = self._ghost_forward(x, mask, gamma, beta)
+            ghost = True
+        elif self.renorm:
+            if self._replicas_in_sync == 1:
+                count, mean, m2 = kern.local_mean_m2(x, red, mask)
+                var = m2 / np.maximum(count, 1.0)
+            else:
+                mean, var, count = _ops.synchronized_moments(
+                    x, red, mask, self._stats_shift(), self.epsilon, self._reduce_stats)
+            mean, var, gamma, beta, r, d = self._renorm_step(count, mean, var, gamma, beta)
             y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
         elif self._replicas_in_sync == 1:
             # Statistics, moving averages and normalisation in one call (one compiled
@@ -256,9 +366,85 @@ class BatchNormalization(Layer):
                                            count, mean, var, self.momentum)
             y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
         self._cache = _Cache(x=x, input_dtype=input_dtype, compute_dtype=compute, mask=mask,
-                             mean=mean, var=var, gamma=gamma, count=count)
+                             mean=mean, var=var, gamma=gamma, count=count, shape=shape,
+                             red=red, ghost=ghost, renorm_r=r,
+                             renorm_d=None if r is None else d)
         self.losses = self.regularization_losses()
-        return y.astype(compute, copy=False)
+        return y.reshape(shape).astype(compute, copy=False)
+
+    def _renorm_step(self, count, mean, var, gamma, beta):
+        """Renorm's corrections and updates from the batch (mean, var, count).
+
+        Returns:
+            (mean, var, scale, offset, r, d): the statistics to normalise with (the
+            moving ones for channels with no position, which also get r = 1, d = 0) and
+            the composed scale gamma·r and offset gamma·d + beta, all float64.
+        """
+        seen = count > 0
+        if not seen.all():
+            mean = np.where(seen, mean, self.moving_mean.value.astype(np.float64))
+            var = np.where(seen, var, self.moving_variance.value.astype(np.float64))
+        clip = self.renorm_clipping
+        r, d = _renorm.renorm_correction(mean, var, self.epsilon, self.renorm_mean.value,
+                                         self.renorm_stddev.value, clip.get("rmin"),
+                                         clip.get("rmax"), clip.get("dmax"))
+        if not seen.all():
+            r, d = np.where(seen, r, 1.0), np.where(seen, d, 0.0)
+        _renorm.update_renorm(self.moving_mean.value, self.moving_variance.value,
+                              self.moving_stddev.value, self.renorm_mean.value,
+                              self.renorm_stddev.value, count, mean, var, self.epsilon,
+                              self.momentum, self.renorm_momentum)
+        scale, offset = _renorm.compose_transforms(r, d, gamma, beta)
+        return mean, var, scale, offset, r, d
+
+    def _ghost_forward(self, x, mask, gamma, beta):
+        """Training forward with ghost batches (tf-keras' virtual_batch_size).
+
+        x (B, ...) is viewed as (k, B/k, ...): ghost batch j is x[j::B/k] (tf-keras'
+        reshape), and the (B/k, *channels) statistics reduce over the new axis 0 and the
+        original non-batch reduce axes. The moving statistics take the ghost batches'
+        average mean and variance.
+
+        Returns:
+            (x, red, y, count, mean, var, scale, r, d) for the reshaped x: per-ghost
+            float64 channel arrays of shape (B/k, *param shape); scale is the gamma (or
+            gamma·r) broadcast to it; r, d are None without renorm.
+        """
+        k, batch = self.virtual_batch_size, x.shape[0]
+        if batch % k:
+            raise ValueError(
+                f"virtual_batch_size={k} does not divide the batch size {batch} of the "
+                f"input of shape {x.shape} (layer {self.name!r})"
+            )
+        if mask is not None:
+            raise ValueError(
+                f"layer {self.name!r}: a mask cannot be combined with virtual_batch_size="
+                f"{k} in training (tf-keras has no consistent meaning for it)"
+            )
+        ghosts = batch // k
+        x = x.reshape((k, ghosts) + x.shape[1:])
+        red = (0,) + tuple(a + 1 for a in self._reduction_axes if a != 0)
+        kern = _ops.kernels()
+        count, mean, m2 = kern.local_mean_m2(x, red, None)
+        var = m2 / np.maximum(count, 1.0)
+        total = count.sum(axis=0)
+        if ghosts:
+            batch_mean, batch_var = mean.mean(axis=0), var.mean(axis=0)
+        else:  # an empty batch: count 0 keeps the moving statistics
+            batch_mean = np.zeros(total.shape)
+            batch_var = np.zeros(total.shape)
+        r = d = None
+        if self.renorm:
+            _, _, gamma, beta, r, d = self._renorm_step(total, batch_mean, batch_var, gamma,
+                                                        beta)
+        else:
+            _ops.update_moving(self.moving_mean.value, self.moving_variance.value, total,
+                               batch_mean, batch_var, self.momentum)
+        full = mean.shape
+        gamma = None if gamma is None else np.broadcast_to(gamma, full)
+        beta = None if beta is None else np.broadcast_to(beta, full)
+        y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+        return x, red, y, count, mean, var, gamma, r, d
 
     def _prepare_mask(self, mask, x_shape):
         """A Keras mask (input rank - 1, broadcast along the last axis) as a boolean array
@@ -337,14 +523,15 @@ class BatchNormalization(Layer):
                 f"backward() of layer {self.name!r} was called before the layer was called"
             )
         dy = np.asarray(dy)
-        if dy.shape != c.x.shape:
+        if dy.shape != c.shape:
             raise ValueError(
                 f"backward() of layer {self.name!r}: dy has shape {dy.shape}, but the last "
-                f"call's output has shape {c.x.shape}"
+                f"call's output has shape {c.shape}"
             )
         # The output was cast to the compute dtype: its cotangent lives there too.
         dy = dy.astype(c.compute_dtype, copy=False).astype(c.x.dtype, copy=False)
-        red = self._reduction_axes
+        dy = dy.reshape(c.x.shape)  # ghost batches: the (k, B/k, ...) view
+        red = c.red
         inv_std = _ops.inverse_std(c.var, self.epsilon)
         kern = _ops.kernels()  # the active backend: numba's fused kernels or numpy's
         if c.count is None:  # inference: the statistics are constants
@@ -364,18 +551,27 @@ class BatchNormalization(Layer):
             self._set_param_grads(sums)
         # Back through the input casts (input -> compute dtype -> work dtype), as Keras;
         # a non-float input (cast, not differentiable in Keras) gets the compute dtype.
-        dx = dx.astype(c.compute_dtype, copy=False)
+        dx = dx.reshape(c.shape).astype(c.compute_dtype, copy=False)
         return dx.astype(c.input_dtype, copy=False) if c.input_dtype.kind == "f" else dx
 
     def _set_param_grads(self, sums):
         """gamma.grad = Σdy·x̂ and beta.grad = Σdy (local sums over all positions, copied
-        into the weights' dtype), plus regularizer gradients; nothing for a frozen layer."""
+        into the weights' dtype), plus regularizer gradients; nothing for a frozen layer.
+
+        Ghost batches add up their sums; with renorm, y = x̂·γr + γd + β gives
+        gamma.grad = r·Σdy·x̂ + d·Σdy (r, d constants)."""
         if not self.trainable:
             return
+        c = self._cache
+        if c.ghost:
+            sums = sums.sum(axis=1)
+        sum_dy, sum_dy_xhat = sums[0], sums[1]
         if self.scale:
-            self.gamma.grad = sums[1].astype(self.gamma.dtype)
+            if c.renorm_r is not None:
+                sum_dy_xhat = c.renorm_r * sum_dy_xhat + c.renorm_d * sum_dy
+            self.gamma.grad = sum_dy_xhat.astype(self.gamma.dtype)
         if self.center:
-            self.beta.grad = sums[0].astype(self.beta.dtype)
+            self.beta.grad = sum_dy.astype(self.beta.dtype)
         if self.scale or self.center:
             self.add_regularization_grads()
 
@@ -399,8 +595,29 @@ class BatchNormalization(Layer):
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": (dict(self.renorm_clipping)
+                                if isinstance(self.renorm_clipping, dict)
+                                else self.renorm_clipping),
+            "renorm_momentum": self.renorm_momentum,
         })
+        # Only when set, as tf-keras: Keras 3 rejects the key.
+        if self.virtual_batch_size is not None:
+            config["virtual_batch_size"] = self.virtual_batch_size
         return config
+
+    def set_weights(self, weights) -> None:
+        """As `Layer.set_weights`; with virtual_batch_size, tf-keras' (1, ..., C)-shaped
+        weights are accepted and reshaped to distbn's (Keras 3's) shapes."""
+        weights = list(weights)
+        if self.virtual_batch_size is not None and len(weights) == len(self._weights):
+            def squeezed(s):
+                return tuple(d for d in s if d != 1)
+            weights = [np.reshape(w, var.shape)
+                       if np.shape(w) != var.shape and np.size(w) == math.prod(var.shape)
+                       and squeezed(np.shape(w)) == squeezed(var.shape) else w
+                       for w, var in zip(weights, self._weights, strict=True)]
+        super().set_weights(weights)
 
     @classmethod
     def from_config(cls, config: dict):
