@@ -15,7 +15,7 @@ counts them). `retain_freed_memory` sets, once, for the whole process:
 
 The price: the process keeps up to 1 GiB more resident than it uses, and memory in the
 middle of the heap is only reused, never returned, until the process ends.
-distbn's commands (`distbn train`, `bench`, `compare`, `python -m distbn.ops.measure`)
+distbn's commands (`distbn train`, `bench`, `compare`, `distbn bench kernel`)
 call it; importing distbn does not. `DISTBN_MALLOC=default` keeps glibc's behaviour.
 """
 

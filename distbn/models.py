@@ -108,7 +108,7 @@ class Sequential:
         """Build every unbuilt layer in order from the input shape (batch axis first,
         may be None)."""
         self.input_shape = tuple(input_shape)
-        for layer, shape in self.build_layers(input_shape):
+        for _ in self.build_layers(input_shape):
             pass
         self.built = True
 
@@ -158,8 +158,8 @@ class Sequential:
                 f"shape {np.shape(sample_ids)}"
             )
         out = x
-        for _, out in self.layer_outputs(x, training, sample_ids, step):
-            pass
+        for _, output in self.layer_outputs(x, training, sample_ids, step):
+            out = output
         return out
 
     def backward(self, dy, regularization_scale=1.0):
@@ -215,7 +215,8 @@ class Sequential:
             for w in layer.weights:
                 key = f"{layer.name}/{w.name}"
                 if key in named:
-                    raise ValueError(f"{type(self).__name__} {self.name!r}: two weights named {key!r}")
+                    raise ValueError(f"{type(self).__name__} {self.name!r}: two weights "
+                                     f"named {key!r}")
                 named[key] = w
         return named
 
@@ -240,7 +241,8 @@ class Sequential:
         extra = [k for k in values if k not in named]
         if extra:
             raise ValueError(
-                f"{type(self).__name__} {self.name!r}: weight dict has unexpected tensor {extra[0]!r} "
+                f"{type(self).__name__} {self.name!r}: weight dict has unexpected tensor "
+                f"{extra[0]!r} "
                 f"(model weights: {', '.join(named)})"
             )
         for key, w in named.items():

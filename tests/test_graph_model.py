@@ -18,8 +18,10 @@ RNG = np.random.default_rng(4)
 def residual(dtype="float64"):
     """input -> dense -> relu -> dense2 ; (dense + dense2) -> out (a skip over relu, dense2),
     dense's output feeding two layers."""
-    layers = [distbn.Dense(4, name="dense", dtype=dtype), distbn.ReLU(name="relu", dtype=dtype),
-              distbn.Dense(4, name="dense2", dtype=dtype), distbn.layers.Add(name="sum", dtype=dtype),
+    layers = [distbn.Dense(4, name="dense", dtype=dtype),
+              distbn.ReLU(name="relu", dtype=dtype),
+              distbn.Dense(4, name="dense2", dtype=dtype),
+              distbn.layers.Add(name="sum", dtype=dtype),
               distbn.BatchNormalization(name="bn", dtype=dtype),
               distbn.Dense(3, name="out", dtype=dtype)]
     return Model(layers, inputs={"sum": ["dense", "dense2"]})

@@ -608,7 +608,7 @@ def planes_input_grad(dy2, x2, a, mu, k, c1, pmask, out, nch, rows_per_block):
 # The layer's steps between the two passes, compiled: after a pass over a large input,
 # each small numpy call runs on cold caches (2-25 us each on the development VM). With
 # them in Python the 16 MiB float32 forward took 1.93 ms at one thread, 0.10 ms more
-# than its two passes; in one call, 1.86 ms (python -m distbn.ops.measure, interleaved
+# than its two passes; in one call, 1.86 ms (distbn bench kernel, interleaved
 # with torch).
 
 

@@ -14,10 +14,9 @@ import inspect
 import numpy as np
 
 from distbn import random as _random
-from distbn.layers import registry
+from distbn.layers import activations, registry
 from distbn.layers.base import _snake_case
 from distbn.models import Model, Sequential
-from distbn.layers import activations
 from distbn.train import data as _data
 from distbn.train import losses as _losses
 from distbn.train import optimizers as _optimizers

@@ -18,7 +18,8 @@ import signal
 import socket
 import threading
 
-__all__ = ["LAUNCHER_ENV", "ORPHANED", "PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "Preempted", "PreemptionFlag"]
+__all__ = ["LAUNCHER_ENV", "ORPHANED", "PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "Preempted",
+           "PreemptionFlag"]
 
 #: EX_TEMPFAIL from sysexits.h: "temporary failure; the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75

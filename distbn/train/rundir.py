@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import tempfile
 import numpy as np
 import yaml
 
+from distbn.jsonl import json_safe
 from distbn.train.checkpoint import checkpoint_dir, list_checkpoints
 from distbn.train.config import config_to_yaml
 
@@ -37,7 +37,6 @@ __all__ = [
     "PreviousRun",
     "previous_run",
     "clear_previous_run",
-    "json_safe",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -206,19 +205,6 @@ def clear_previous_run(path) -> list[str]:
         shutil.rmtree(ckpts)
         removed.append("checkpoints/")
     return removed
-
-
-def json_safe(value):
-    """`value` with numpy scalars made Python and non-finite floats made None (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _atomic_write(path, write) -> None:
