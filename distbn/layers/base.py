@@ -100,6 +100,10 @@ class Layer:
         trainable: whether the layer's weights are trained.
     """
 
+    #: True on layers called with a list of inputs (merge layers), whose backward
+    #: returns a list of input gradients.
+    multi_input = False
+
     def __init__(self, name=None, dtype=None, trainable=True, **kwargs):
         if kwargs:
             raise TypeError(

@@ -1,4 +1,5 @@
-"""2-D pooling layers: MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D."""
+"""Pooling layers: MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D,
+GlobalAveragePooling1D."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from distbn.layers import _common
 from distbn.layers.base import Layer
 from distbn.layers.conv import window_slice
 
-__all__ = ["MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D"]
+__all__ = ["MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
+           "GlobalAveragePooling1D"]
 
 
 class _Pooling2D(Layer):
@@ -193,6 +195,80 @@ class GlobalAveragePooling2D(Layer):
             input_shape[a] = input_shape[b] = 1
             return tuple(input_shape)
         return tuple(d for k, d in enumerate(input_shape) if k not in (a, b))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"data_format": self.data_format, "keepdims": self.keepdims})
+        return config
+
+
+class GlobalAveragePooling1D(Layer):
+    """Mean over the steps axis; with a mask, the mean of the unmasked steps only.
+
+    The mask is (batch, steps), binarised (nonzero = keep) as Keras does, and is not
+    propagated (the output has no steps axis).
+
+    Differs from Keras: a sample with every step masked out gives zeros (and a zero
+    gradient) where Keras divides 0 by 0 and gives NaN.
+
+    Args:
+        data_format: "channels_last" (N, steps, C; default) or "channels_first" (N, C, steps).
+        keepdims: keep the steps axis with size 1.
+        **kwargs: `name`, `dtype`, `trainable`.
+    """
+
+    def __init__(self, data_format=None, keepdims=False, **kwargs):
+        super().__init__(**kwargs)
+        self.data_format = _common.normalize_data_format(data_format)
+        self.keepdims = bool(keepdims)
+        self._cache = None
+
+    def _steps_axis(self) -> int:
+        return 2 if self.data_format == "channels_first" else 1
+
+    def call(self, x, training=None, mask=None):
+        """Forward pass."""
+        x = _common.cast(x, self.compute_dtype)
+        if x.ndim != 3:
+            raise ValueError(
+                f"GlobalAveragePooling1D {self.name!r} expects a 3-D input, got shape {x.shape}"
+            )
+        axis = self._steps_axis()
+        if mask is None:
+            self._cache = (x.shape, None, None)
+            return x.mean(axis=axis, keepdims=self.keepdims)
+        mask = np.asarray(mask)
+        if mask.shape != (x.shape[0], x.shape[axis]):
+            raise ValueError(
+                f"GlobalAveragePooling1D {self.name!r}: the mask must have shape "
+                f"(batch, steps) = {(x.shape[0], x.shape[axis])} for input shape {x.shape}, "
+                f"got mask.shape={mask.shape}"
+            )
+        keep = np.expand_dims(mask.astype(bool), 3 - axis)  # broadcast over channels
+        counts = keep.sum(axis=axis, keepdims=True).astype(x.dtype)
+        counts = np.maximum(counts, 1)  # all-masked sample: 0 / 1, not Keras' 0 / 0
+        y = np.where(keep, x, 0).sum(axis=axis, keepdims=True) / counts
+        self._cache = (x.shape, keep, counts)
+        return y if self.keepdims else np.squeeze(y, axis)
+
+    def backward(self, dy):
+        """Input gradient: dy / count over the (unmasked) steps."""
+        shape, keep, counts = self._cache
+        dy = _common.cast(dy, self.compute_dtype)
+        axis = self._steps_axis()
+        if not self.keepdims:
+            dy = np.expand_dims(dy, axis)
+        if keep is None:
+            return np.broadcast_to(dy / shape[axis], shape).copy()
+        return np.where(keep, dy / counts, 0).astype(dy.dtype, copy=False)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = list(input_shape)
+        axis = self._steps_axis()
+        if self.keepdims:
+            input_shape[axis] = 1
+            return tuple(input_shape)
+        return tuple(d for k, d in enumerate(input_shape) if k != axis)
 
     def get_config(self) -> dict:
         config = super().get_config()

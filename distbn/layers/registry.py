@@ -22,6 +22,12 @@ _MODULES = {
     "AveragePooling2D": "distbn.layers.pooling",
     "GlobalAveragePooling2D": "distbn.layers.pooling",
     "BatchNormalization": "distbn.layers.normalization",
+    "LayerNormalization": "distbn.layers.group_layer_norm",
+    "GroupNormalization": "distbn.layers.group_layer_norm",
+    "Conv1D": "distbn.layers.conv",
+    "GlobalAveragePooling1D": "distbn.layers.pooling",
+    "Add": "distbn.layers.merge",
+    "Concatenate": "distbn.layers.merge",
 }
 # Keras' own aliases (keras.layers.MaxPool2D etc.).
 _ALIASES = {
@@ -29,6 +35,8 @@ _ALIASES = {
     "MaxPool2D": "MaxPooling2D",
     "AvgPool2D": "AveragePooling2D",
     "GlobalAvgPool2D": "GlobalAveragePooling2D",
+    "Convolution1D": "Conv1D",
+    "GlobalAvgPool1D": "GlobalAveragePooling1D",
 }
 
 
