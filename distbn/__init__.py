@@ -32,12 +32,24 @@ from distbn.layers import (  # noqa: E402
 )
 from distbn.models import Model, Sequential  # noqa: E402
 
+
+
+def __getattr__(name):
+    # `distbn.load_model(run_dir)`: the trainer's, loaded on first use so that importing
+    # distbn does not import the training stack.
+    if name == "load_model":
+        from distbn.train.inference import load_model
+
+        return load_model
+    raise AttributeError(f"module 'distbn' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     # layers and model
     "Layer", "Variable", "BatchNormalization", "Dense", "Conv2D", "MaxPooling2D",
     "AveragePooling2D", "GlobalAveragePooling2D", "Flatten", "ReLU", "Activation",
-    "Dropout", "Sequential", "Model",
+    "Dropout", "Sequential", "Model", "load_model",
     "LayerNormalization", "GroupNormalization", "Conv1D", "GlobalAveragePooling1D", "Add",
     "Concatenate",
     # strategies

@@ -127,6 +127,96 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agreed_problem(world, problem, prog) -> int:
+    """Every rank's problem (a message or None) is shared; any ends every rank with exit
+    2, printed once by rank 0 (a rank alone in error would leave the others waiting)."""
+    problems = [p for p in world.allgather_object(problem, name=f"{prog}.setup") if p]
+    if not problems:
+        return 0
+    if world.replica_id == 0:
+        print(f"distbn {prog}: error: {problems[0]}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _run_errors() -> tuple:
+    from distbn.train.config import ConfigError
+    from distbn.train.data import DataError
+    from distbn.train.inference import RunError
+
+    return (RunError, ConfigError, DataError)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from distbn.distribute import get_strategy
+    from distbn.train import inference
+
+    world = get_strategy()
+    trainer, problem = None, None
+    try:
+        trainer = inference.prepare_evaluation(args.run_dir, world, data=args.data)
+    except _run_errors() as exc:
+        problem = str(exc)
+    if _agreed_problem(world, problem, "evaluate"):
+        return 2
+    record = trainer.evaluate(args.split)
+    if world.replica_id == 0:
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            loss, acc = record["loss"], record["accuracy"]
+            print(f"{args.split}: loss {'n/a' if loss is None else f'{loss:.4f}'} accuracy "
+                  f"{'n/a' if acc is None else f'{acc:.4f}'} ({record['samples']} samples, "
+                  f"{world.num_replicas_in_sync} rank(s))", flush=True)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from distbn.distribute import get_strategy
+    from distbn.train import inference
+    from distbn.train.rundir import atomic_write
+
+    world = get_strategy()
+    model, x, problem = None, None, None
+    try:
+        if os.path.lexists(args.out) and not args.overwrite:
+            raise inference.RunError(f"{args.out} exists; pass --overwrite to replace it")
+        model = inference.load_model(args.run_dir)
+        config = inference.load_config_of(args.run_dir)
+        x = inference.prepare_inputs(config, inference.read_inputs(args.input, args.key))
+    except _run_errors() as exc:
+        problem = str(exc)
+    if _agreed_problem(world, problem, "predict"):
+        return 2
+    out = inference.predict_sharded(model, x, world, batch_size=args.batch_size)
+    if world.replica_id == 0:
+        atomic_write(args.out, lambda fh: np.savez(fh, predictions=out))
+        print(f"wrote {args.out}: predictions {out.shape} {out.dtype}", flush=True)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from distbn.train import inference
+    from distbn.train.export import ExportError, export_keras
+
+    try:
+        if os.path.lexists(args.keras) and not args.overwrite:
+            raise inference.RunError(f"{args.keras} exists; pass --overwrite to replace it")
+        model = inference.load_model(args.run_dir)
+        config = inference.load_config_of(args.run_dir)
+        diff = export_keras(model, inference.sample_shape(config), args.keras)
+    except (*_run_errors(), ExportError) as exc:
+        print(f"distbn export: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"wrote {args.keras} (Keras {diff['keras']}, {diff['backend']} backend); its "
+          f"predictions differ from distbn's by at most {diff['max_abs_diff']:.3g} on "
+          f"{diff['samples']} random inputs", flush=True)
+    return 0
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG",
                    help="the YAML config (e.g. configs/quickstart.yaml)")
@@ -178,6 +268,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the mpiexec to use (default: $DISTBN_MPIEXEC, the venv's, PATH)")
     _add_train_options(p)
     p.set_defaults(func=_cmd_launch)
+
+    p = sub.add_parser(
+        "evaluate", help="loss and accuracy of a finished run's model (one process or under "
+                         "mpiexec / distbn launch)",
+        description="Rebuild a run's model from RUN_DIR/config.yaml and model.npz and "
+                    "evaluate it on its test split (or --split train, or another --data "
+                    "file), sharded over the ranks. Writes nothing.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of distbn train")
+    p.add_argument("--data", metavar="FILE.npz",
+                   help="x_train, y_train, x_test, y_test to use instead of the run's data")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict", help="a finished run's model's outputs for the inputs of an .npz",
+        description="Run a run's model in inference mode on INPUT.npz's array (channels-"
+                    "last samples, like the training data) and write OUT.npz with "
+                    "`predictions` (the model's outputs: logits or probabilities, as it "
+                    "was trained). Sharded over the ranks under mpiexec.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("input", metavar="INPUT.npz")
+    p.add_argument("--out", required=True, metavar="OUT.npz")
+    p.add_argument("--key", default="x", help="the input array's name (default x)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.npz")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "export", help="write a finished run's model as a Keras 3 .keras file",
+        description="Build the same model in Keras 3 (the keras extra), copy the trained "
+                    "weights, check that it predicts what distbn predicts, and save it.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--keras", required=True, metavar="OUT.keras")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plot", help="loss and accuracy curves of a run as a PNG "
                                     "(needs matplotlib: pip install matplotlib)")

@@ -162,6 +162,26 @@ class Sequential:
             out = output
         return out
 
+    def predict(self, x, batch_size=256):
+        """Outputs in inference mode (moving statistics, no dropout), `batch_size` rows at
+        a time.
+
+        Args:
+            x: inputs in the model's layout, batch axis first.
+            batch_size: rows per forward pass (>= 1).
+
+        Returns:
+            The outputs for every row of `x`, in order.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        x = np.asarray(x)
+        if len(x) == 0:
+            shape = self.compute_output_shape((0,) + x.shape[1:])
+            return np.zeros(shape, dtype=self._layers[-1].compute_dtype)
+        return np.concatenate([self(x[i:i + batch_size], training=False)
+                               for i in range(0, len(x), batch_size)])
+
     def backward(self, dy, regularization_scale=1.0):
         """Backward pass of the last call: sets every trainable weight's `.grad`.
 

@@ -35,6 +35,7 @@ __all__ = [
     "check_run_dir",
     "RunDir",
     "PreviousRun",
+    "atomic_write",
     "previous_run",
     "clear_previous_run",
 ]
@@ -207,7 +208,7 @@ def clear_previous_run(path) -> list[str]:
     return removed
 
 
-def _atomic_write(path, write) -> None:
+def atomic_write(path, write) -> None:
     """Write through `write(fileobj)` to a temporary file, then rename it over `path`,
     so a crash never leaves a half-written file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -273,7 +274,7 @@ class RunDir:
     def write_config(self, config) -> None:
         """Write the resolved config as config.yaml."""
         text = config_to_yaml(config).encode("utf-8")
-        _atomic_write(self.file(CONFIG_FILE), lambda fh: fh.write(text))
+        atomic_write(self.file(CONFIG_FILE), lambda fh: fh.write(text))
 
     def log(self, record: dict) -> None:
         """Append one record to metrics.jsonl (flushed, so `tail -f` and crashes see it)."""
@@ -295,7 +296,7 @@ class RunDir:
                 raise TypeError(f"weight {key!r} is an object array; refusing to save it")
             arrays[key] = arr
         path = self.file(name)
-        _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
         return path
 
     def close(self) -> None:
