@@ -174,6 +174,8 @@ class BatchNormalization(Layer):
         name, dtype, trainable: as `distbn.Layer`.
     """
 
+    has_moving_statistics = True
+
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
                  beta_initializer="zeros", gamma_initializer="ones",
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
@@ -473,6 +475,22 @@ class BatchNormalization(Layer):
         return (mask if mask.dtype == bool else mask != 0).reshape(expanded)
 
     # --- synchronized statistics ----------------------------------------------------------
+    @property
+    def batch_moments(self):
+        """This replica's `(count, mean, m2)` of the last call's input, if it was a
+        training-mode call; else None (no call yet, inference, a frozen layer).
+
+        Float64 channel arrays (`ops.local_mean_m2`: count of positions, mean, centred
+        sum of squares M2) over the whole local batch, masked-out positions left out,
+        ghost batches pooled: the rank's own statistics, whatever the layer normalised
+        with. Computed on access from the input kept for `backward`, so training pays
+        nothing for it.
+        """
+        c = self._cache
+        if c is None or c.count is None:
+            return None
+        return _ops.local_mean_m2(c.x.reshape(c.shape), self._reduction_axes, c.mask)
+
     @property
     def _replicas_in_sync(self) -> int:
         """How many replicas share this layer's batch statistics (1: replica-local)."""
