@@ -33,7 +33,6 @@ from distbn.layers import (  # noqa: E402
 from distbn.models import Model, Sequential  # noqa: E402
 
 
-
 def __getattr__(name):
     # `distbn.load_model(run_dir)`: the trainer's, loaded on first use so that importing
     # distbn does not import the training stack.
