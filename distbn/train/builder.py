@@ -69,6 +69,15 @@ def load_dataset(config) -> Dataset:
         x_train, y_train, x_test, y_test = _data.make_patterns(
             d.n_train, d.n_test, image_size=d.image_size, num_classes=d.num_classes,
             seed=config.seed, dtype=m.dtype)
+    elif d.name == "npy":  # memory-mapped: converted a batch at a time, never loaded
+        x_train, y_train, x_test, y_test = _data.open_npy_dir(d.path, num_classes=d.num_classes)
+        if d.n_train is not None:
+            x_train, y_train = x_train[:d.n_train], y_train[:d.n_train]
+        if d.n_test is not None:
+            x_test, y_test = x_test[:d.n_test], y_test[:d.n_test]
+        return Dataset(_data.MappedSamples(x_train, m.dtype, m.data_format), y_train,
+                       _data.MappedSamples(x_test, m.dtype, m.data_format), y_test,
+                       d.num_classes)
     else:
         x_train, y_train, x_test, y_test = _data.load_npz(d.path, num_classes=d.num_classes)
         # n_train/n_test: "the first n samples" of the user's file.
@@ -145,7 +154,7 @@ def layer_kwargs(spec, model_config) -> tuple[type, dict]:
         raise spec.error("dtype", f"layers take model.dtype ({model_config.dtype!r}); "
                                   f"remove this key or set model.dtype, got {kwargs['dtype']!r}")
     kwargs["dtype"] = model_config.dtype
-    if cls.__name__ == "BatchNormalization":
+    if cls.has_moving_statistics:  # BN entries: model.synchronized is their default
         kwargs.setdefault("synchronized", model_config.synchronized)
     if "data_format" in accepted:
         kwargs.setdefault("data_format", model_config.data_format)

@@ -254,9 +254,12 @@ class DataConfig(_Section):
     """`data`: which data set to train on.
 
     Attributes:
-        name: "patterns" (the embedded generated set, `data.make_patterns`) or "npz"
-            (a user file with x_train, y_train, x_test, y_test; `data.load_npz`).
-        path: the .npz file, required for "npz", not allowed for "patterns". A relative
+        name: "patterns" (the embedded generated set, `data.make_patterns`), "npz"
+            (a user file with x_train, y_train, x_test, y_test; `data.load_npz`) or "npy"
+            (a directory of x_train.npy, y_train.npy, x_test.npy, y_test.npy, memory-
+            mapped: each rank reads only the rows of its slices; `data.open_npy_dir`).
+        path: the .npz file or the .npy directory, required for "npz" and "npy", not
+            allowed for "patterns". A relative
             path is taken from the config file's directory (from the working directory
             when it comes from `--set`); the resolved config holds the absolute path.
         n_train: patterns: samples to generate (default 10000); npz: use the first
@@ -267,7 +270,7 @@ class DataConfig(_Section):
             patterns supports at most 10. Default 10.
     """
 
-    name: Literal["patterns", "npz"] = "patterns"
+    name: Literal["patterns", "npz", "npy"] = "patterns"
     path: str | None = None
     n_train: int | None = _f(None, ge=1)
     n_test: int | None = _f(None, ge=1)
@@ -275,23 +278,25 @@ class DataConfig(_Section):
     num_classes: int = _f(10, ge=2)
 
     def _check(self, path, ctx):
-        if self.name == "npz":
+        if self.name in ("npz", "npy"):
             if self.path is None:
-                raise ctx.error(path + ("path",), "required when data.name is 'npz'",
+                raise ctx.error(path + ("path",), f"required when data.name is {self.name!r}",
                                 at=path + ("name",))
             where = ctx.locate(path + ("path",))
             base = "." if where.startswith("--set") or ctx.source.startswith("<") else (
                 os.path.dirname(os.path.abspath(ctx.source)))
             full = os.path.normpath(os.path.join(base, os.path.expanduser(self.path)))
-            if not os.path.isfile(full):
+            exists = os.path.isfile if self.name == "npz" else os.path.isdir
+            if not exists(full):
                 relative = "" if os.path.isabs(self.path) else (
                     f" (relative to {'the working directory' if base == '.' else base})")
-                raise ctx.error(path + ("path",), f"data file {self.path!r} not found: "
+                what = "data file" if self.name == "npz" else "data directory"
+                raise ctx.error(path + ("path",), f"{what} {self.path!r} not found: "
                                                   f"looked for {full}{relative}")
             return dataclasses.replace(self, path=os.path.abspath(full))
         if self.path is not None:
             raise ctx.error(path + ("path",),
-                            f"only used when data.name is 'npz', got {self.path!r}")
+                            f"only used when data.name is 'npz' or 'npy', got {self.path!r}")
         if self.num_classes > 10:
             raise ctx.error(path + ("num_classes",),
                             f"must be <= 10 for data.name 'patterns', got {self.num_classes!r}")

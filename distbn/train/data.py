@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 
 __all__ = [
+    "MappedSamples",
+    "open_npy_dir",
     "DataError",
     "PATTERN_CLASSES",
     "make_patterns",
@@ -298,6 +300,82 @@ def load_npz(path, num_classes=None):
             f"{path}: x_test: sample shape {x_test.shape[1:]} differs from "
             f"x_train's {x_train.shape[1:]}"
         )
+    if x_train.shape[0] == 0:
+        raise DataError(f"{path}: x_train: has no samples, shape {x_train.shape}")
+    y_train = _check_y(f"{path}: y_train", arrays["y_train"], x_train.shape[0], num_classes)
+    y_test = _check_y(f"{path}: y_test", arrays["y_test"], x_test.shape[0], num_classes)
+    return x_train, y_train, x_test, y_test
+
+
+class MappedSamples:
+    """Samples of a memory-mapped .npy file, converted a batch at a time.
+
+    Indexing (`x[rows]`, `x[a:b]`) reads only those rows from the file and returns them
+    as a float array in the model's dtype and layout (uint8 scaled to [0, 1]); `len` and
+    `shape` come from the header. So a rank touches only the rows of its slices, and a
+    data set larger than one rank's memory trains.
+
+    Args:
+        mapped: the read-only `np.memmap` (or `np.load(..., mmap_mode="r")`) array.
+        dtype: the model dtype.
+        data_format: "channels_last" or "channels_first".
+    """
+
+    def __init__(self, mapped, dtype, data_format):
+        self._mapped = mapped
+        self._dtype = np.dtype(dtype)
+        self._format = data_format
+        sample = to_data_format(np.zeros((1,) + mapped.shape[1:], np.float32), data_format)
+        self.shape = (mapped.shape[0],) + sample.shape[1:]
+        self.dtype = self._dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        rows = np.asarray(self._mapped[index])
+        if rows.dtype == np.uint8:
+            rows = rows.astype(np.float32) / np.float32(255.0)
+        return to_data_format(rows.astype(self._dtype, copy=False), self._format)
+
+    def __repr__(self) -> str:
+        return f"MappedSamples(shape={self.shape}, dtype={self._dtype})"
+
+
+def open_npy_dir(path, num_classes=None):
+    """Open a directory of x_train.npy, y_train.npy, x_test.npy, y_test.npy (np.save).
+
+    The x arrays are memory-mapped read-only and checked from their headers only (dtype,
+    shape; their values are not scanned, so a non-finite sample shows up as a
+    non-finite loss at its step); the labels are read and validated as for `load_npz`.
+
+    Returns:
+        `(x_train, y_train, x_test, y_test)`: x as read-only memory maps, y int64.
+    """
+    path = os.fspath(path)
+    arrays = {}
+    for key in _NPZ_KEYS:
+        file = os.path.join(path, f"{key}.npy")
+        if not os.path.isfile(file):
+            raise DataError(f"{path}: missing {key}.npy (a data directory holds "
+                            f"{', '.join(k + '.npy' for k in _NPZ_KEYS)})")
+        try:
+            arrays[key] = np.load(file, mmap_mode="r" if key.startswith("x") else None,
+                                  allow_pickle=False)
+        except ValueError as err:  # object arrays need pickle, which is refused
+            raise DataError(f"{file}: cannot load ({err})") from err
+    for key in ("x_train", "x_test"):
+        x = arrays[key]
+        if x.dtype != np.uint8 and x.dtype.kind != "f":
+            raise DataError(f"{path}: {key}: expected a float or uint8 array, got dtype "
+                            f"{x.dtype}")
+        if x.ndim not in (2, 3, 4):
+            raise DataError(f"{path}: {key}: expected (N, features), (N, steps, features) "
+                            f"or NHWC images, got shape {x.shape}")
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{path}: x_test: sample shape {x_test.shape[1:]} differs from "
+                        f"x_train's {x_train.shape[1:]}")
     if x_train.shape[0] == 0:
         raise DataError(f"{path}: x_train: has no samples, shape {x_train.shape}")
     y_train = _check_y(f"{path}: y_train", arrays["y_train"], x_train.shape[0], num_classes)

@@ -47,6 +47,8 @@ def sample_shape(config) -> tuple:
     d, m = config.data, config.model
     if d.name == "patterns":
         shape = (d.image_size, d.image_size, 3)
+    elif d.name == "npy":
+        shape = np.load(os.path.join(d.path, "x_train.npy"), mmap_mode="r").shape[1:]
     else:
         try:
             shape = _npz_member_shape(d.path, "x_train")[1:]
