@@ -333,7 +333,8 @@ def test_data_cross_checks(tmp_path, monkeypatch):
     assert error_of(overrides=["data.name=npz"]) == \
         "--set data.name=npz: data.path: required when data.name is 'npz'"
     msg = error_of(edit("n_train: 100", "n_train: 100\n  path: x.npz"))
-    assert msg == "config.yaml:5: data.path: only used when data.name is 'npz', got 'x.npz'"
+    assert msg == ("config.yaml:5: data.path: only used when data.name is 'npz' or 'npy', "
+                   "got 'x.npz'")
     config = parse(overrides=["data.name=npz", "data.path=d.npz"])
     assert config.data.n_train == 100 and config.data.n_test is None
     assert config.data.path == str(tmp_path / "d.npz")  # --set: from the working directory

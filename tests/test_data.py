@@ -1,6 +1,5 @@
 """Data: the embedded patterns set, .npz validation, shuffling and sharding."""
 
-import os
 import textwrap
 import time
 
