@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     world = get_strategy()
     # The user's command line, for the resume hint: `distbn launch` passes its own.
-    typed = os.environ.get(COMMAND_ENV) or shlex.join(["distbn", "train", *_train_argv(args)])
+    typed = os.environ.get(COMMAND_ENV) or shlex.join([_prog(), "train", *_train_argv(args)])
     try:
         code = command.run(args.config, overrides=args.set or (), run_dir=args.run_dir,
                            verbose=args.verbose, strategy=world, overwrite=args.overwrite,
@@ -49,6 +49,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         finalize_mpi_for_exit()
     return code
+
+
+def _prog() -> str:
+    """How the user ran distbn: the console script's path as typed (e.g. .venv/bin/distbn),
+    else `distbn` (for `python -m distbn`)."""
+    return sys.argv[0] if os.path.basename(sys.argv[0]) == "distbn" else "distbn"
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:
@@ -98,7 +104,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             env.setdefault(TTY_ENV, "1")  # the ranks' progress bar still reaches a terminal
     except (AttributeError, ValueError):
         pass
-    typed = ["distbn", "launch", "-n", str(args.n)]
+    typed = [_prog(), "launch", "-n", str(args.n)]
     for flag, value in (("--hostfile", args.hostfile), ("--mpiexec", args.mpiexec)):
         typed += [flag, value] if value is not None else []
     env[COMMAND_ENV] = shlex.join([*typed, *_train_argv(args)])
