@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
-# The quickstart: a small CNN with synchronized BatchNormalization on 2 ranks (about a
-# minute on 2 cores); writes runs/quickstart-<timestamp>/.
+# The quickstart: a small CNN with synchronized BatchNormalization on 2 ranks (measured
+# times in docs/benchmarks.md); writes runs/quickstart-<timestamp>/.
 run: $(STAMP)
 	$(BIN)/distbn launch -n 2 configs/quickstart.yaml
 
