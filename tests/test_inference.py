@@ -72,7 +72,7 @@ def test_evaluate_at_one_and_two_ranks_gives_the_run_s_test_numbers(run_dir):
     two = run_mpi(2, ["-m", "distbn", "evaluate", str(run_dir), "--json"], timeout=90)
     assert two.returncode == 0, two.failure_report()
     line = next(x for x in two.output.splitlines() if '"split"' in x)
-    rec = json.loads(line[line.index("{"):])
+    rec, _ = json.JSONDecoder().raw_decode(line[line.index("{"):])  # tagged, interleaved
     assert rec["loss"] == pytest.approx(final["loss"], rel=1e-6)
 
 

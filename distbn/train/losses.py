@@ -83,8 +83,8 @@ def sparse_categorical_crossentropy(y_pred, labels, from_logits=False):
     # loss = -log(p_y / sum p): d/dp_j = 1/sum - [j = y]/p_y, zero where the clip holds.
     inside = (p > EPSILON) & (p < 1.0 - EPSILON)
     grad = np.where(inside, 1.0 / total, 0.0) * np.ones_like(z)
-    np.put_along_axis(grad, at, np.take_along_axis(grad, at, axis=-1)
-                      - np.where(inside, 1.0 / (p * total), 0.0), axis=-1)
+    at_label = np.divide(1.0, p * total, out=np.zeros_like(p), where=inside)
+    np.put_along_axis(grad, at, np.take_along_axis(grad, at, axis=-1) - at_label, axis=-1)
     return -np.log(clipped[..., 0]), grad.astype(out_dtype, copy=False)
 
 
