@@ -410,3 +410,16 @@ def test_bench_measure_returns_one_record_per_layout():
         assert r["name"] == "torch_bn_fwd_bwd" and r["world_size"] == 1
         assert r["value"] > 0 and r["params"]["distbn_ms"] > 0 and r["params"]["torch_ms"] > 0
     assert np.isfinite([r["value"] for r in records]).all()
+
+
+def test_kernels_leave_torch_thread_count_alone():
+    """numba's OpenMP pool shares libgomp with torch; starting it must not change torch's."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bn = dt.SyncBatchNorm(16, strategy=distbn.LocalStrategy())
+        x = torch.randn(32, 16, 16, 16, requires_grad=True)  # large enough for the pool
+        bn(x).sum().backward()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)
