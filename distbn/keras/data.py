@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from distbn.distribute import get_strategy
+from distbn.distribute.sharding import shard_slice
 
 __all__ = ["local_batch_size", "shard"]
 
 
 def _part(length, rank, size):
-    base, extra = divmod(length, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    part = shard_slice(length, rank, size)  # the trainer's rule
+    return part.start, part.stop
 
 
 def local_batch_size(global_batch_size, strategy=None):

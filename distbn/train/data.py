@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from distbn.distribute.sharding import shard_slice  # noqa: F401  (re-exported)
+
 __all__ = [
     "MappedSamples",
     "open_npy_dir",
@@ -466,31 +468,6 @@ def global_batches(n, global_batch_size, seed, epoch, drop_last=False) -> Iterat
     perm = epoch_permutation(n, seed, epoch)
     for i in range(count):
         yield perm[i * global_batch_size:(i + 1) * global_batch_size]
-
-
-def shard_slice(global_batch_len, rank, world_size) -> slice:
-    """This rank's contiguous part of a global batch.
-
-    The first `global_batch_len % world_size` ranks get one extra sample, so shard sizes
-    differ by at most one; when the batch is smaller than the world, the last ranks get
-    empty shards (they still take part in every collective).
-
-    Args:
-        global_batch_len: number of samples in the global batch.
-        rank: this replica's index, `0 <= rank < world_size`.
-        world_size: number of replicas.
-
-    Returns:
-        A `slice` into the global batch.
-    """
-    length = _check_int("global_batch_len", global_batch_len, 0)
-    world_size = _check_int("world_size", world_size, 1)
-    rank = _check_int("rank", rank, 0)
-    if rank >= world_size:
-        raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
-    base, rem = divmod(length, world_size)
-    start = rank * base + min(rank, rem)
-    return slice(start, start + base + (1 if rank < rem else 0))
 
 
 class BatchSchedule:
