@@ -6,6 +6,7 @@ asserted.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_parse_ranks_and_suites():
     for bad in ("1,x", "0", "", "1,-2"):
         with pytest.raises(ValueError, match=repr(bad).replace("\\", "\\\\")):
             parse_ranks(bad)
-    assert parse_suites([]) == ["kernel", "allreduce", "sync", "scaling"]
+    assert parse_suites([]) == ["kernel", "allreduce", "sync", "scaling", "torch"]
     assert parse_suites(["sync", "kernel"]) == ["kernel", "sync"]
     with pytest.raises(ValueError, match="'kernal'.*did you mean 'kernel'"):
         parse_suites(["kernal"])
@@ -292,3 +293,15 @@ def test_kernel_suite_thread_counts_and_copy_ratio_per_round(monkeypatch):
     assert all(c[0] == "copy" and "forward" in c for c in calls) and len(calls) == 2
     fwd = _by(records, "kernel.forward", "copy_fraction")
     assert len(fwd) == 2 and {r["params"]["threads"] for r in fwd} <= {1, 2}
+
+
+def test_torch_suite_at_one_rank_compares_with_torch_batchnorm():
+    pytest.importorskip("torch")
+    from distbn.bench import frameworks
+
+    records = frameworks.run(Context("tiny", None, stream=io.StringIO()))
+    assert [r["params"]["layout"] for r in records] == ["contiguous", "channels_last"]
+    for rec in records:
+        assert rec["name"] == "torch.torch_bn_fwd_bwd" and rec["unit"] == "ratio"
+        assert rec["value"] > 0 and rec["spread"]["repeats"] == 3
+        assert rec["params"]["torch_ms"] > 0 and "ratios" not in rec["params"]

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from distbn.bench import allreduce, kernel, scaling, sync
+from distbn.bench import allreduce, frameworks, kernel, scaling, sync
 from distbn.bench.context import Context
 from distbn.bench.environment import environment, load_average
 from distbn.bench.results import merge_results, read_results, write_results
@@ -27,7 +27,7 @@ __all__ = ["SUITES", "parse_suites", "parse_ranks", "default_ranks", "default_ou
            "measure", "launch_all", "finish", "note_missing_plots"]
 
 #: Suite name -> module with `run(ctx)`, in the order they run.
-SUITES = {m.NAME: m for m in (kernel, allreduce, sync, scaling)}
+SUITES = {m.NAME: m for m in (kernel, allreduce, sync, scaling, frameworks)}
 
 
 def parse_suites(names) -> list[str]:

@@ -101,7 +101,7 @@ def measure(shape=(64, 64, 32, 32), dtype="float32", threads=1, samples=15, call
                            "threads": threads, "samples": samples, "calls": calls,
                            "distbn_ms": 1e3 * statistics.median(t_ours),
                            "torch_ms": 1e3 * statistics.median(t_theirs),
-                           "ratio_q1": q[0], "ratio_q3": q[2]},
+                           "ratio_q1": q[0], "ratio_q3": q[2], "ratios": ratios},
             })
     finally:
         _set_threads(old_threads)
@@ -160,7 +160,7 @@ def measure_sync(shape=(64, 64, 32, 32), dtype="float32", threads=1, samples=15,
                            "threads": threads, "samples": samples, "calls": calls,
                            "sync_ms": 1e3 * statistics.median(times["sync"]),
                            "local_ms": 1e3 * statistics.median(times["local"]),
-                           "ratio_q1": q[0], "ratio_q3": q[2]},
+                           "ratio_q1": q[0], "ratio_q3": q[2], "ratios": ratios},
             })
     finally:
         _set_threads(old_threads)

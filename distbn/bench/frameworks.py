@@ -1,0 +1,43 @@
+"""Suite `torch`: distbn.torch.SyncBatchNorm against PyTorch's own BatchNorm2d.
+
+At one rank: forward+backward of `distbn.torch.SyncBatchNorm` (one replica: the fused
+kernels) over `torch.nn.BatchNorm2d` in the same process, contiguous and channels_last,
+paired samples (`distbn.torch.bench.measure`). At N ranks: synchronized over every rank
+vs replica-local (`sync_group=1`), the slowest rank's time per sample
+(`distbn.torch.bench.measure_sync`). Without torch the suite records nothing and says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from distbn.bench.context import Context
+from distbn.bench.results import make_record
+from distbn.bench.timing import Stats
+
+__all__ = ["NAME", "run"]
+
+NAME = "torch"
+
+
+def run(ctx: Context) -> list[dict]:
+    """The suite's records (rank 0; collective at several ranks)."""
+    if importlib.util.find_spec("torch") is None:
+        ctx.progress("torch: skipped, torch is not installed (pip install -e \".[torch]\")")
+        return []
+    from distbn.torch import bench
+
+    shape = ctx.pick((64, 64, 32, 32), (32, 64, 16, 16), (4, 8, 4, 4))
+    samples = ctx.pick(15, 7, 3)
+    if ctx.size == 1:
+        raw = bench.measure(shape=shape, samples=samples, calls=ctx.pick(3, 2, 1))
+    else:
+        raw = bench.measure_sync(shape=shape, samples=samples, calls=ctx.pick(3, 2, 1),
+                                 comm=ctx.comm)
+    records = []
+    for rec in raw:
+        params = dict(rec["params"])
+        ratios = params.pop("ratios")
+        records.append(make_record(f"torch.{rec['name']}", rec["metric"], Stats(ratios),
+                                   "ratio", rec["world_size"], params))
+    return records if ctx.is_root else []
