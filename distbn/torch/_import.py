@@ -21,7 +21,7 @@ def require_torch():
     except ImportError as exc:
         raise ImportError(
             "distbn.torch needs PyTorch, which is not installed: install distbn's "
-            f"'torch' extra ({_INSTALL_HINT} from a checkout, or pip install "
-            f"'distbn[torch]'); the underlying error was: {exc}"
+            f"'torch' extra ({_INSTALL_HINT} in the distbn clone, or pip install torch); "
+            f"the underlying error was: {exc}"
         ) from exc
     return torch
