@@ -26,9 +26,12 @@ first BN layer's (deeper layers' inputs have been normalised by the mode already
 their per-rank offsets say as much about the mode as about the data), its spreads the
 maximum over layers.
 
-The per-rank statistics are recomputed from the input the layer cached for its backward
-pass (`layer._cache.x`) and gathered with one `allgather_object` per measurement, on the
-world strategy but outside the training collectives, so measuring changes no result.
+Each mode is one `Trainer.fit` with a `StudyCallback` (no loop of its own): the
+training loss and accuracy come from the step's local sums `train_step()` returns, the
+per-rank statistics from each BN layer's public `batch_moments` (computed on access from
+the input the layer keeps for its backward pass), gathered with one `allgather_object`
+per measurement, on the world strategy but outside the training collectives, so
+measuring changes no result.
 
 `distbn compare CONFIG --out DIR` run as one process launches
 `mpiexec -n N python -m mpi4py -m distbn compare --part modes ...`, which trains both
@@ -42,6 +45,7 @@ the command trains both modes itself and rank 0 runs the reference and writes th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shlex
 import sys
@@ -52,6 +56,7 @@ import numpy as np
 
 from distbn.distribute.launch import current_world_size, finalize_mpi_for_exit
 from distbn.jsonl import JsonlWriter
+from distbn.train.callbacks import Callback
 
 __all__ = [
     "MODES",
@@ -63,6 +68,7 @@ __all__ = [
     "mode_config",
     "layer_divergence",
     "StatsProbe",
+    "StudyCallback",
     "train_mode",
     "default_every",
 ]
@@ -107,7 +113,7 @@ def _is_bn_type(type_name: str) -> bool:
     from distbn.layers import registry
 
     try:
-        return registry.get_layer_class(type_name).__name__ == "BatchNormalization"
+        return registry.get_layer_class(type_name).has_moving_statistics
     except ValueError:
         return False  # the builder reports unknown types with their YAML line
 
@@ -218,16 +224,15 @@ def _layer_divergence(counts, means, m2s, moving_means, moving_vars, epsilon) ->
             "moving_var_spread": float(np.max(var_spread, initial=0.0))}
 
 
-def _is_bn(layer) -> bool:
-    # By class name, as the trainer does: any BatchNormalization implementation counts.
-    return type(layer).__name__ == "BatchNormalization"
-
-
 class StatsProbe:
     """This rank's batch and moving statistics of every BN layer after a training step.
 
+    Uses the layers' public surface only: `has_moving_statistics` picks them,
+    `batch_moments` gives the moments of their last training input.
+
     Args:
-        model: the trained model (its `layers` are searched for BatchNormalization).
+        model: the trained model (its `layers` are searched for layers with moving
+            statistics).
 
     Attributes:
         layers: the BN layers measured (frozen ones are skipped: they use no batch
@@ -236,26 +241,23 @@ class StatsProbe:
     """
 
     def __init__(self, model):
-        self.layers = [la for la in model.layers if _is_bn(la) and la.trainable]
+        self.layers = [la for la in model.layers if la.has_moving_statistics and la.trainable]
         self.names = [la.name for la in self.layers]
 
     def local(self) -> list[tuple]:
         """Per layer `(count, mean, m2, moving_mean, moving_var)`: flat float64 arrays.
 
-        Recomputed from the input the layer cached in its last (training) call, so the
-        layer's own arithmetic and collectives are untouched.
+        The layer's `batch_moments` (computed on access from the input of its last
+        training call), so the layer's own arithmetic and collectives are untouched.
         """
-        from distbn.ops.batch_norm import local_mean_m2
-
         out = []
         for la in self.layers:
-            cache = la._cache
-            if cache is None or cache.count is None:
+            moments = la.batch_moments
+            if moments is None:
                 raise RuntimeError(f"StatsProbe: layer {la.name!r} has no training-mode call "
                                    "to measure; call it after a training step")
-            count, mean, m2 = local_mean_m2(cache.x, la._reduction_axes, cache.mask)
             out.append(tuple(np.asarray(a, dtype=np.float64).ravel() for a in (
-                count, mean, m2, la.moving_mean.numpy(), la.moving_variance.numpy())))
+                *moments, la.moving_mean.numpy(), la.moving_variance.numpy())))
         return out
 
     def divergence(self, gathered) -> dict:
@@ -274,29 +276,6 @@ class StatsProbe:
         return out
 
 
-class _LossMeter:
-    """Wraps the trainer's loss function to sum training loss and hits while `active`."""
-
-    def __init__(self, loss_fn):
-        from distbn.train.losses import accuracy
-
-        self._fn = loss_fn
-        self._accuracy = accuracy
-        self.active = False
-        self.window = np.zeros(3)  # [loss sum, correct, count] since the last take()
-
-    def __call__(self, outputs, labels):
-        per_sample, grad = self._fn(outputs, labels)
-        if self.active:
-            self.window += (float(np.sum(per_sample, dtype=np.float64)),
-                            self._accuracy(outputs, labels), len(labels))
-        return per_sample, grad
-
-    def take(self) -> np.ndarray:
-        out, self.window = self.window, np.zeros(3)
-        return out
-
-
 def _max_over_layers(layers: dict, key: str) -> float:
     return max((v[key] for v in layers.values()), default=0.0)
 
@@ -305,8 +284,167 @@ def _fmt(value, spec=".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+class StudyCallback(Callback):
+    """Measures one mode of the study on `Trainer.fit` (every rank runs it).
+
+    After each step it adds the step's local loss sum, correct count and samples
+    (`logs`) to a window; every `every` steps (and at the last) one `allgather_object`
+    of [window, `StatsProbe.local()`] gives rank 0 a "step" record. Each evaluation
+    `fit` makes is an "eval" record; at the end it evaluates the train split too
+    (inference mode, replica-local statistics averaged as for model.npz) and writes the
+    "summary" record. Measuring is outside the training collectives and changes no
+    result.
+
+    Args:
+        mode: the label of the records ("replica-local", "synchronized" or "reference").
+        every: steps between records (default `default_every` of the run's steps).
+        emit: rank 0 calls it with every record (a dict); None: records are only kept.
+        err: stream for the progress lines (rank 0; default sys.stderr).
+
+    Attributes:
+        records: rank 0's records, in order (empty elsewhere).
+        summary: rank 0's summary record once training ended ({} elsewhere).
+    """
+
+    def __init__(self, mode, every=None, emit=None, err=None):
+        self.mode = mode
+        self.every = every
+        self.emit = emit
+        self.err = err or sys.stderr
+        self.records: list[dict] = []
+        self.summary: dict = {}
+
+    def _record(self, rec) -> dict:
+        rec = {"type": rec.pop("type"), "mode": self.mode, **rec}
+        self.records.append(rec)
+        if self.emit is not None:
+            self.emit(rec)
+        return rec
+
+    def on_train_begin(self, trainer) -> None:
+        from distbn.bench.study_report import per_replica_batch
+
+        self.rank = trainer.strategy.replica_id
+        self.size = trainer.strategy.num_replicas_in_sync
+        self.probe = StatsProbe(trainer.model)
+        self.total = trainer.total_steps
+        self.every = self.every or default_every(self.total)
+        self.tell = max(1, self.total // _PROGRESS_LINES)
+        self.first_step = trainer.step + 1
+        self.window = np.zeros(3)  # this rank's [loss sum, correct, count] since a record
+        self.train_s = self.measure_s = self.first_s = 0.0
+        self.last = None
+        self.test = None
+        gb = trainer.config.train.global_batch_size
+        if self.rank == 0:
+            print(f"{_PREFIX}: {self.mode}: {self.size} rank(s), global batch {gb} "
+                  f"({per_replica_batch(gb, self.size)} per replica), {self.total} steps, "
+                  f"{len(self.probe.layers)} BN layer(s)", file=self.err, flush=True)
+        self.start = self._mark = time.perf_counter()
+
+    def on_step_end(self, trainer, step, logs) -> None:
+        now = time.perf_counter()
+        # The first step pays one-off costs (kernel compilation, first-touch memory) that
+        # would otherwise dominate short runs: kept apart from the training time.
+        if step == self.first_step:
+            self.first_s = now - self._mark
+        else:
+            self.train_s += now - self._mark
+        self.window += (logs["loss_sum"], logs["correct"], logs["samples"])
+        if step % self.every == 0 or step == self.total:
+            self._measure(trainer.strategy, step)
+            self.measure_s += time.perf_counter() - now
+        last = self.last
+        if self.rank == 0 and (step % self.tell == 0 or step == self.total) and last is not None:
+            print(f"{_PREFIX}: {self.mode}: step {step}/{self.total}: loss "
+                  f"{_fmt(last['loss'])} acc {_fmt(last['accuracy'])}, batch mean dev "
+                  f"{last['mean_dev']:.3f} (first BN), moving-mean spread "
+                  f"{last['moving_mean_spread']:.3g} ({time.perf_counter() - self.start:.1f} s)",
+                  file=self.err, flush=True)
+        self._mark = time.perf_counter()
+
+    def _measure(self, world, step) -> None:
+        """One step record (collective: one allgather_object)."""
+        window, self.window = self.window, np.zeros(3)
+        gathered = world.allgather_object((window, self.probe.local()),
+                                          name="study.measure")
+        if self.rank != 0:
+            return
+        window = np.sum([g[0] for g in gathered], axis=0)
+        layers = self.probe.divergence([g[1] for g in gathered])
+        self.last = self._record({
+            "type": "step", "step": step,
+            "loss": window[0] / window[2] if window[2] else None,
+            "accuracy": window[1] / window[2] if window[2] else None,
+            "samples": int(window[2]),
+            # The first BN layer's: below it, replica-local normalisation has already
+            # removed each rank's offsets, so deeper layers' numbers measure the mode as
+            # much as the data (all are under "layers").
+            **{k: layers[self.probe.names[0]][k] for k in ("mean_dev", "var_ratio",
+                                                            "var_dev")},
+            "moving_mean_spread": _max_over_layers(layers, "moving_mean_spread"),
+            "moving_var_spread": _max_over_layers(layers, "moving_var_spread"),
+            "layers": layers,
+            "train_seconds": self.train_s,
+        })
+
+    def on_evaluate(self, trainer, step, metrics) -> None:
+        self.test = metrics
+        if self.rank == 0:
+            self._record({"type": "eval", "step": step, "split": "test",
+                          "loss": metrics["loss"], "accuracy": metrics["accuracy"],
+                          "samples": metrics["samples"]})
+        self._mark = time.perf_counter()  # evaluation is not training time
+
+    def on_train_end(self, trainer, summary) -> None:
+        from distbn.bench.study_report import per_replica_batch
+
+        train_inf = trainer.evaluate("train")  # collective: every rank runs this hook
+        wall = time.perf_counter() - self.start
+        if self.rank != 0:
+            return
+        test, total, every, size = self.test, self.total, self.every, self.size
+        gb = trainer.config.train.global_batch_size
+        steps = [r for r in self.records if r["type"] == "step"]
+        # Training-mode loss/accuracy over the last tenth of the steps (at least one
+        # record).
+        tail = [r for r in steps if r["step"] > total - max(total // 10, every)] or steps[-1:]
+        n = sum(r["samples"] for r in tail)
+        self.summary = self._record({
+            "type": "summary", "ranks": size, "global_batch_size": gb,
+            "per_replica_batch": per_replica_batch(gb, size), "steps": total, "every": every,
+            "train_loss": sum(r["loss"] * r["samples"] for r in tail if r["samples"]) / n
+            if n else None,
+            "train_accuracy": sum(r["accuracy"] * r["samples"] for r in tail if r["samples"])
+            / n if n else None,
+            "train_eval_loss": train_inf["loss"], "train_eval_accuracy": train_inf["accuracy"],
+            "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            "test_samples": test["samples"],
+            "mean_dev": float(np.mean([r["mean_dev"] for r in steps])),
+            "var_ratio": float(np.mean([r["var_ratio"] for r in steps])),
+            "var_dev": float(np.mean([r["var_dev"] for r in steps])),
+            "moving_mean_spread": steps[-1]["moving_mean_spread"],
+            "moving_var_spread": steps[-1]["moving_var_spread"],
+            "layers": {name: {k: float(np.mean([r["layers"][name][k] for r in steps]))
+                              for k in ("mean_dev", "var_ratio", "var_dev")}
+                       | {k: steps[-1]["layers"][name][k]
+                          for k in ("moving_mean_spread", "moving_var_spread")}
+                       for name in self.probe.names},
+            "train_seconds": self.train_s, "first_step_seconds": self.first_s,
+            "measure_seconds": self.measure_s, "wall_seconds": wall,
+        })
+        print(f"{_PREFIX}: {self.mode}: done in {wall:.1f} s (training steps after the first "
+              f"{self.train_s:.1f} s): test loss "
+              f"{_fmt(test['loss'])} acc {_fmt(test['accuracy'])}, train (inference) acc "
+              f"{_fmt(train_inf['accuracy'])}", file=self.err, flush=True)
+
+
 def train_mode(config, mode, world, dataset=None, every=None, emit=None, err=None) -> dict:
-    """Train one mode and measure it (collective: every rank calls it).
+    """Train one mode with `Trainer.fit` and a `StudyCallback` (collective: every rank
+    calls it).
+
+    The trainer's own progress output is off (`logging.progress: none`; its summary
+    lines go to `err`): the callback reports the study's progress.
 
     Args:
         config: the mode's `Config` (`mode_config`).
@@ -320,120 +458,15 @@ def train_mode(config, mode, world, dataset=None, every=None, emit=None, err=Non
     Returns:
         On rank 0 the mode's summary record; on other ranks {}.
     """
-    from distbn.bench.study_report import per_replica_batch
     from distbn.train.trainer import Trainer
 
     err = err or sys.stderr
-    rank, size = world.replica_id, world.num_replicas_in_sync
-    trainer = Trainer(config, strategy=world, run_dir=None, dataset=dataset)
-    probe = StatsProbe(trainer.model)
-    meter = _LossMeter(trainer.loss_fn)
-    trainer.loss_fn = meter
-    total = trainer.total_steps
-    every = every or default_every(total)
-    eval_every = config.train.eval_every
-    tell = max(1, total // _PROGRESS_LINES)
-    records: list[dict] = []
-
-    def record(rec):
-        rec = {"type": rec.pop("type"), "mode": mode, **rec}
-        records.append(rec)
-        if emit is not None:
-            emit(rec)
-        return rec
-
-    gb = config.train.global_batch_size
-    if rank == 0:
-        print(f"{_PREFIX}: {mode}: {size} rank(s), global batch {gb} "
-              f"({per_replica_batch(gb, size)} per replica), {total} steps, "
-              f"{len(probe.layers)} BN layer(s)",
-              file=err, flush=True)
-    start = time.perf_counter()
-    train_s = measure_s = first_s = 0.0
-    last = None
-    for step in range(1, total + 1):
-        meter.active = True
-        t0 = time.perf_counter()
-        trainer.train_step()
-        meter.active = False
-        # The first step pays one-off costs (kernel compilation, first-touch memory) that
-        # would otherwise dominate short runs: kept apart from the training time.
-        if step == 1:
-            first_s = time.perf_counter() - t0
-        else:
-            train_s += time.perf_counter() - t0
-        if step % every == 0 or step == total:
-            t0 = time.perf_counter()
-            gathered = world.allgather_object((meter.take(), probe.local()),
-                                              name="study.measure")
-            if rank == 0:
-                window = np.sum([g[0] for g in gathered], axis=0)
-                layers = probe.divergence([g[1] for g in gathered])
-                last = record({
-                    "type": "step", "step": step,
-                    "loss": window[0] / window[2] if window[2] else None,
-                    "accuracy": window[1] / window[2] if window[2] else None,
-                    "samples": int(window[2]),
-                    # The first BN layer's: below it, replica-local normalisation has
-                    # already removed each rank's offsets, so deeper layers' numbers
-                    # measure the mode as much as the data (all are under "layers").
-                    **{k: layers[probe.names[0]][k] for k in ("mean_dev", "var_ratio",
-                                                               "var_dev")},
-                    "moving_mean_spread": _max_over_layers(layers, "moving_mean_spread"),
-                    "moving_var_spread": _max_over_layers(layers, "moving_var_spread"),
-                    "layers": layers,
-                    "train_seconds": train_s,
-                })
-            measure_s += time.perf_counter() - t0
-        if eval_every and step % eval_every == 0 and step != total:
-            ev = trainer.evaluate("test")
-            if rank == 0:
-                record({"type": "eval", "step": step, "split": "test", "loss": ev["loss"],
-                        "accuracy": ev["accuracy"], "samples": ev["samples"]})
-        if rank == 0 and (step % tell == 0 or step == total) and last is not None:
-            print(f"{_PREFIX}: {mode}: step {step}/{total}: loss {_fmt(last['loss'])} acc "
-                  f"{_fmt(last['accuracy'])}, batch mean dev {last['mean_dev']:.3f} (first BN), "
-                  f"moving-mean spread {last['moving_mean_spread']:.3g} "
-                  f"({time.perf_counter() - start:.1f} s)", file=err, flush=True)
-    test = trainer.evaluate("test")
-    train_inf = trainer.evaluate("train")
-    wall = time.perf_counter() - start
-    if rank != 0:
-        return {}
-    record({"type": "eval", "step": total, "split": "test", "loss": test["loss"],
-            "accuracy": test["accuracy"], "samples": test["samples"]})
-    steps = [r for r in records if r["type"] == "step"]
-    # Training-mode loss/accuracy over the last tenth of the steps (at least one record).
-    tail = [r for r in steps if r["step"] > total - max(total // 10, every)] or steps[-1:]
-    n = sum(r["samples"] for r in tail)
-    summary = record({
-        "type": "summary", "ranks": size, "global_batch_size": gb,
-        "per_replica_batch": per_replica_batch(gb, size), "steps": total, "every": every,
-        "train_loss": sum(r["loss"] * r["samples"] for r in tail if r["samples"]) / n
-        if n else None,
-        "train_accuracy": sum(r["accuracy"] * r["samples"] for r in tail if r["samples"]) / n
-        if n else None,
-        "train_eval_loss": train_inf["loss"], "train_eval_accuracy": train_inf["accuracy"],
-        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-        "test_samples": test["samples"],
-        "mean_dev": float(np.mean([r["mean_dev"] for r in steps])),
-        "var_ratio": float(np.mean([r["var_ratio"] for r in steps])),
-        "var_dev": float(np.mean([r["var_dev"] for r in steps])),
-        "moving_mean_spread": steps[-1]["moving_mean_spread"],
-        "moving_var_spread": steps[-1]["moving_var_spread"],
-        "layers": {name: {k: float(np.mean([r["layers"][name][k] for r in steps]))
-                          for k in ("mean_dev", "var_ratio", "var_dev")}
-                   | {k: steps[-1]["layers"][name][k]
-                      for k in ("moving_mean_spread", "moving_var_spread")}
-                   for name in probe.names},
-        "train_seconds": train_s, "first_step_seconds": first_s,
-        "measure_seconds": measure_s, "wall_seconds": wall,
-    })
-    print(f"{_PREFIX}: {mode}: done in {wall:.1f} s (training steps after the first "
-          f"{train_s:.1f} s): test loss "
-          f"{_fmt(test['loss'])} acc {_fmt(test['accuracy'])}, train (inference) acc "
-          f"{_fmt(train_inf['accuracy'])}", file=err, flush=True)
-    return summary
+    config = dataclasses.replace(
+        config, logging=dataclasses.replace(config.logging, progress="none"))
+    trainer = Trainer(config, strategy=world, run_dir=None, out=err, dataset=dataset)
+    callback = StudyCallback(mode, every=every, emit=emit, err=err)
+    trainer.fit(callbacks=[callback])
+    return callback.summary
 
 
 # --------------------------------------------------------------------------------------

@@ -103,6 +103,10 @@ class Layer:
     #: True on layers called with a list of inputs (merge layers), whose backward
     #: returns a list of input gradients.
     multi_input = False
+    #: True on layers that keep moving statistics of their inputs (BatchNormalization):
+    #: such a layer has `synchronized`, `moving_mean`, `moving_variance`, `epsilon` and
+    #: `batch_moments`. The trainer and tools ask this, never the class name.
+    has_moving_statistics = False
 
     def __init__(self, name=None, dtype=None, trainable=True, **kwargs):
         if kwargs:

@@ -9,7 +9,8 @@ mean loss; synchronized BatchNormalization makes the forward pass match too. Wei
 start identical (seeded build, then rank 0's broadcast), so every rank applies the same
 update. Regularization gradients are added on rank 0 only, so the sum has them once.
 
-`Trainer` is the object; `distbn.train.command.run` is what `distbn train` calls.
+`Trainer` is the object; `distbn.train.command.run` is what `distbn train` calls. Tools
+build on `fit(callbacks=...)` (`distbn.train.callbacks`), the one training loop.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from distbn.faults import maybe_fail
 from distbn.train import builder
 from distbn.train import checkpoint as ckpt
 from distbn.train.buckets import GradientAllReduce, broadcast_weights
+from distbn.train.callbacks import CallbackList
 from distbn.train.config import config_hash
 from distbn.train.data import BatchSchedule, shard_slice
 from distbn.train.losses import accuracy as _count_correct
@@ -43,11 +45,6 @@ __all__ = ["TrainingError", "Trainer"]
 class TrainingError(RuntimeError):
     """A failure every rank detects at the same step: a non-finite loss or gradient norm
     (`train.on_nonfinite: raise`), or replicas whose weights drifted apart."""
-
-
-def _is_bn(layer) -> bool:
-    # By name, not isinstance: the trainer must not pin one BatchNormalization class.
-    return type(layer).__name__ == "BatchNormalization"
 
 
 def _quiet_overflow(method):
@@ -173,8 +170,11 @@ class Trainer:
         update, moving statistics put back, a warning, and the step counter advances.
 
         Returns:
-            {"epoch", "learning_rate", "grad_norm"} of the step taken, and "skipped":
-            True for a skipped step.
+            {"epoch", "learning_rate", "grad_norm"} of the step taken; this rank's
+            "loss_sum" (the per-sample losses summed, without the regularization
+            penalty), "correct" (predictions that match) and "samples" (its shard's
+            length), local to the rank (sum them over ranks for the global batch's);
+            and "skipped": True for a skipped step.
         """
         self._start()
         step = self.step
@@ -199,6 +199,8 @@ class Trainer:
             norm = math.sqrt(sum(float(np.sum(np.square(v.grad, dtype=np.float64)))
                                  for v in self._trainable if v.grad is not None))
         loss_sum = float(np.sum(per_sample))
+        local_sums = {"loss_sum": loss_sum, "correct": _count_correct(out, y),
+                      "samples": len(local)}
         # The summed gradients, so the norm, are identical on every rank; the loss is
         # local, so its flag goes through the step's one flag all-reduce.
         loss_bad = self._agree_step_flags(not math.isfinite(loss_sum))
@@ -219,13 +221,13 @@ class Trainer:
                       file=sys.stderr, flush=True)
             self._last = {"epoch": epoch, "learning_rate": lr, "grad_norm": norm}
             self._after_step()
-            return dict(self._last, skipped=True)
+            return dict(self._last, **local_sums, skipped=True)
         self.optimizer.apply(self._trainable)
         self.step += 1
-        self._window += (loss_sum, _count_correct(out, y), len(local))
+        self._window += (loss_sum, local_sums["correct"], len(local))
         self._last = {"epoch": epoch, "learning_rate": lr, "grad_norm": norm}
         self._after_step()
-        return dict(self._last)
+        return dict(self._last, **local_sums)
 
     def _after_step(self) -> None:
         """Step-boundary switches, at the same step on every rank."""
@@ -336,7 +338,7 @@ class Trainer:
         whole = self.strategy.sync_group_size == self.world
         out = []
         for layer in self.model.layers:
-            if _is_bn(layer) and not (layer.synchronized and whole):
+            if layer.has_moving_statistics and not (layer.synchronized and whole):
                 out += [layer.moving_mean, layer.moving_variance]
         return out
 
@@ -414,9 +416,17 @@ class Trainer:
             self.run_dir.log(record)
 
     @_quiet_overflow
-    def fit(self) -> dict:
+    def fit(self, callbacks=None) -> dict:
         """Train to `total_steps`, evaluating every `train.eval_every` steps and at the
         end; average replica-local BN statistics; save model.npz (collective).
+
+        Args:
+            callbacks: None or a list of `distbn.train.callbacks.Callback`s. Every rank
+                calls their hooks in order: `on_train_begin` before the first step,
+                `on_step_end(trainer, step, logs)` after each step (logs: what
+                `train_step()` returned), `on_evaluate(trainer, step, metrics)` after
+                each evaluation, `on_train_end(trainer, summary)` last; so a hook may
+                make collectives.
 
         Returns:
             The summary: steps, epochs, train_loss/train_accuracy (running mean over
@@ -424,6 +434,7 @@ class Trainer:
             only), wall_time, run_dir, model_file.
         """
         cfg = self.config
+        callbacks = CallbackList(callbacks)
         self._start()
         first_step = self.step  # a resumed run starts past 0
         progress = make_progress(cfg.logging.progress, self.rank, self.total_steps,
@@ -438,12 +449,13 @@ class Trainer:
         train_seconds = 0.0
         train_samples = 0
         test = None
+        callbacks.on_train_begin(self)
         try:
             while self.step < self.total_steps:
                 epoch, _, indices = self.batches.batch_at(self.step)
                 if epoch != self._epoch:
                     self._epoch, self._epoch_totals[:] = epoch, 0
-                self.train_step()
+                logs = self.train_step()
                 window_samples += len(indices)
                 step = self.step
                 last = step == self.total_steps
@@ -461,8 +473,10 @@ class Trainer:
                         self._record(stats)
                         window_start, window_samples = now, 0
                 progress.step(step, stats)
+                callbacks.on_step_end(self, step, logs)
                 if eval_every and step % eval_every == 0 and not last:
                     test = self._eval_and_log(progress, start)
+                    callbacks.on_evaluate(self, step, dict(test))
                     window_start = time.perf_counter()  # evaluation is not training time
                 check_every = cfg.train.check_replicas_every
                 if check_every and step % check_every == 0:
@@ -477,6 +491,7 @@ class Trainer:
                         progress.message(f"checkpoint step {step}: {path}")
             self.average_bn_statistics()
             test = self._eval_and_log(progress, start)
+            callbacks.on_evaluate(self, self.step, dict(test))
         finally:
             progress.close()
         self._check_replicas_agree()
@@ -502,6 +517,7 @@ class Trainer:
         }
         self._print_summary(summary)
         self._warn_if_diverged()
+        callbacks.on_train_end(self, summary)
         return summary
 
     def _warn_if_diverged(self) -> None:
@@ -700,7 +716,7 @@ class Trainer:
             return
         cfg, d = self.config, self.dataset
         kind = type(self.strategy).__name__
-        bn = [la for la in self.model.layers if _is_bn(la)]
+        bn = [la for la in self.model.layers if la.has_moving_statistics]
         if bn and self.world > 1:
             sync = [la.synchronized for la in bn]
             how = ("synchronized" if all(sync) else "replica-local" if not any(sync)

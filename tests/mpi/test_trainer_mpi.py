@@ -15,6 +15,7 @@ import pytest
 
 import distbn
 from distbn.layers.base import Variable
+from distbn.train import callbacks as trainer_callbacks
 from distbn.train import command, trainer
 from distbn.train.buckets import GradientAllReduce, broadcast_weights
 from distbn.train.config import parse_config
@@ -146,6 +147,49 @@ def test_n_ranks_reproduce_one_rank_for_a_residual_network(strategy):
     assert got.keys() == want.keys() and "shortcut/moving_mean" in got
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-8, err_msg=key)
+
+
+class _GatherLosses(trainer_callbacks.Callback):
+    """Makes a collective in every hook: an allgather of the step's local sums."""
+
+    def __init__(self):
+        self.steps, self.evals, self.ends = [], [], []
+
+    def on_train_begin(self, trainer):
+        self.begin = trainer.strategy.allgather_object(trainer.step, name="test.begin")
+
+    def on_step_end(self, trainer, step, logs):
+        every = trainer.strategy.allgather_object(
+            (step, logs["loss_sum"], logs["samples"]), name="test.step")
+        self.steps.append(every)
+
+    def on_evaluate(self, trainer, step, metrics):
+        self.evals.append(trainer.strategy.allgather_object(step, name="test.eval"))
+
+    def on_train_end(self, trainer, summary):
+        self.ends.append(trainer.evaluate("train"))
+
+
+@pytest.mark.mpi
+def test_callbacks_may_make_collectives(strategy, comm):
+    config = parse_config(CONFIG, overrides=["train.eval_every=4"])
+    cb = _GatherLosses()
+    t = trainer.Trainer(config, strategy, out=io.StringIO())
+    t.fit(callbacks=[cb])
+    ref_cb = _GatherLosses()
+    ref = trainer.Trainer(config, distbn.LocalStrategy(), out=io.StringIO())
+    ref.fit(callbacks=[ref_cb])
+    assert cb.begin == [0] * comm.size
+    # Every rank ran the hook at the same step; the local sums add up to one process's.
+    assert len(cb.steps) == 6
+    for mine, theirs in zip(cb.steps, ref_cb.steps, strict=True):
+        assert {s for s, _, _ in mine} == {theirs[0][0]}
+        assert sum(n for _, _, n in mine) == theirs[0][2]
+        assert sum(loss for _, loss, _ in mine) == pytest.approx(theirs[0][1], abs=1e-10)
+    assert [theirs[0][2] for theirs in ref_cb.steps] == [7] * 5 + [5]  # 40 samples
+    assert cb.evals == [[4] * comm.size, [6] * comm.size]
+    assert cb.ends[0]["samples"] == 40
+    assert cb.ends[0]["loss"] == pytest.approx(ref_cb.ends[0]["loss"], abs=1e-10)
 
 
 @pytest.mark.mpi
