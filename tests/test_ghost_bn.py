@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from gradcheck import numeric_grad
 
 from distbn import BatchNormalization
@@ -146,7 +145,7 @@ def test_matches_tf_keras():
         assert [v.name.split("/")[-1].split(":")[0] for v in tl.weights] == \
             [v.name for v in dl.weights]
         dl.set_weights(tl.get_weights())
-        for step in range(3):
+        for _ in range(3):
             x = rng.normal(1.0, 2.0, shape).astype(np.float32)
             w = rng.normal(size=shape).astype(np.float32)
             xt = tf.constant(x)

@@ -6,10 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
 from gradcheck import numeric_grad
 
-import distbn
 from distbn import BatchNormalization
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -78,7 +76,7 @@ def _mask(rng, shape, axis):
     return np.ones(shape[:-1], bool)
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(6))
 def test_renorm_matches_keras_over_successive_calls(seed):
     keras = _keras()
     c = _case(seed)

@@ -9,10 +9,10 @@ import numpy as np
 
 from distbn import constraints, initializers, regularizers
 from distbn import ops as _ops
-from distbn.ops import renorm as _renorm
 from distbn.distribute import get_strategy
 from distbn.faults import maybe_fail
 from distbn.layers.base import Layer
+from distbn.ops import renorm as _renorm
 
 __all__ = ["BatchNormalization"]
 

@@ -7,7 +7,6 @@ the optional numba kernels with the same functions. `kernels()` returns the acti
 
 from distbn.ops import batch_norm
 from distbn.ops.backend import backend_info, backend_name, kernels, set_backend
-from distbn.ops.sync import ill_conditioned, synchronized_backward, synchronized_moments
 from distbn.ops.batch_norm import (
     backward_sums,
     input_grad,
@@ -24,6 +23,7 @@ from distbn.ops.batch_norm import (
     unpack_moments,
     update_moving,
 )
+from distbn.ops.sync import ill_conditioned, synchronized_backward, synchronized_moments
 
 __all__ = [
     "batch_norm", "backward_sums", "input_grad", "inverse_std", "local_mean_m2",
