@@ -14,6 +14,15 @@ __all__ = ["INPUT", "Model", "Sequential"]
 INPUT = "input"
 
 
+def _common_mask(masks):
+    """The mask a layer gets from its sources: theirs when they agree, else None."""
+    first = masks[0]
+    if first is None or any(m is None or m.shape != first.shape or not np.array_equal(m, first)
+                            for m in masks[1:]):
+        return None
+    return first
+
+
 class Sequential:
     """A linear stack of layers (Keras `Sequential` vocabulary, numpy forward/backward).
 
@@ -55,23 +64,31 @@ class Sequential:
         got = [values[name] for name in self.sources(index)]
         return got if getattr(self._layers[index], "multi_input", False) else got[0]
 
-    def layer_outputs(self, x, training=False, sample_ids=None, step=None):
+    def layer_outputs(self, x, training=False, sample_ids=None, step=None, mask=None):
         """Run the forward pass, yielding `(layer, output)` for each layer in `order`.
 
         The same pass as `__call__` (which returns the last layer's output); the trainer
         replays it to find the first layer with a non-finite output.
+
+        `mask` (batch, steps), for (batch, steps, features) inputs, is passed to every
+        layer whose input it fits, as Keras propagates a mask: it follows an output that
+        keeps the batch and step axes (Dense, BatchNormalization, ...), and ends where a
+        layer changes them (GlobalAveragePooling1D consumes it, Flatten drops it).
         """
         if not self.built:
             self.build((None,) + np.shape(x)[1:])
-        values = {INPUT: x}
+        values, masks = {INPUT: x}, {INPUT: None if mask is None else np.asarray(mask)}
         for i in self.order:
             layer = self._layers[i]
             h = self._inputs_of(i, values)
+            m = _common_mask([masks[name] for name in self.sources(i)])
             if getattr(layer, "uses_sample_ids", False):
-                out = layer(h, training=training, sample_ids=sample_ids, step=step)
+                out = layer(h, training=training, mask=m, sample_ids=sample_ids, step=step)
             else:
-                out = layer(h, training=training)
+                out = layer(h, training=training, mask=m)
             values[layer.name] = out
+            fits = m is not None and np.ndim(out) >= 3 and np.shape(out)[:2] == m.shape
+            masks[layer.name] = m if fits else None
             yield layer, out
 
     # --- structure -------------------------------------------------------------------------
@@ -135,7 +152,7 @@ class Sequential:
         return shapes[self._layers[-1].name] if self._layers else tuple(input_shape)
 
     # --- passes ----------------------------------------------------------------------------
-    def __call__(self, x, training=False, sample_ids=None, step=None):
+    def __call__(self, x, training=False, sample_ids=None, step=None, mask=None):
         """Forward pass through every layer.
 
         Args:
@@ -145,6 +162,8 @@ class Sequential:
                 arange(batch). Keys Dropout masks, so N ranks reproduce one rank.
             step: global training step keying Dropout masks; None lets each Dropout
                 count its own training calls.
+            mask: optional (batch, steps) mask of (batch, steps, features) inputs
+                (Keras' convention; see `layer_outputs`).
 
         Returns:
             The output array.
@@ -158,7 +177,7 @@ class Sequential:
                 f"shape {np.shape(sample_ids)}"
             )
         out = x
-        for _, output in self.layer_outputs(x, training, sample_ids, step):
+        for _, output in self.layer_outputs(x, training, sample_ids, step, mask):
             out = output
         return out
 

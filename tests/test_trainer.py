@@ -573,3 +573,51 @@ def test_cross_field_error_from_set_blames_the_set(tmp_path):
     assert code == 2
     assert ("--set strategy.sync_group=3: strategy.sync_group: must divide the number of "
             "ranks (2), got 3") in err.getvalue()
+
+
+MASKED_SEQUENCES = textwrap.dedent("""\
+    seed: 1
+    data: {name: npz, path: seq.npz, num_classes: 3}
+    model:
+      dtype: float64
+      layers:
+        - {type: Dense, units: 6}
+        - {type: BatchNormalization, momentum: 0.5}
+        - {type: ReLU}
+        - {type: GlobalAveragePooling1D}
+        - {type: Dense, units: 3}
+    train: {from_logits: true, global_batch_size: 8, steps: 4,
+            optimizer: {name: sgd, learning_rate: 0.1}}
+    logging: {every_steps: 2, progress: none}
+""")
+
+
+def test_masked_sequence_npz_trains_and_the_mask_reaches_the_layers(tmp_path):
+    """(N, T, F) data with mask_train/mask_test: BatchNormalization's statistics and the
+    pooling see only the unmasked steps, so what sits under the mask does not matter."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(24, 5, 3))
+    mask = rng.random((24, 5)) < 0.6
+    mask[:, 0] = True
+    y = rng.integers(0, 3, 24)
+    runs = {}
+    for fill in (0.0, 1e3):  # the masked-out steps: zeros, or huge values
+        xf = np.where(mask[..., None], x, fill)
+        np.savez(tmp_path / "seq.npz", x_train=xf, y_train=y, x_test=xf[:10],
+                 y_test=y[:10], mask_train=mask, mask_test=mask[:10])
+        config = load_config(write(tmp_path, MASKED_SEQUENCES))
+        t = trainer.Trainer(config, LocalStrategy(), out=io.StringIO())
+        summary = t.fit()
+        runs[fill] = (t.model.get_weight_dict(), summary["test_loss"])
+    for key in runs[0.0][0]:
+        np.testing.assert_allclose(runs[0.0][0][key], runs[1e3][0][key], rtol=1e-9,
+                                   atol=1e-12, err_msg=key)
+    assert runs[0.0][1] == pytest.approx(runs[1e3][1], rel=1e-9)
+
+
+def test_a_mask_of_the_wrong_shape_is_refused(tmp_path):
+    np.savez(tmp_path / "seq.npz", x_train=np.zeros((4, 5, 3)), y_train=np.zeros(4),
+             x_test=np.zeros((2, 5, 3)), y_test=np.zeros(2), mask_train=np.ones((4, 4)),
+             mask_test=np.ones((2, 5)))
+    code, _, err = run_quiet(write(tmp_path, MASKED_SEQUENCES), run_dir=str(tmp_path / "o"))
+    assert code == 2 and "mask_train: expected shape (4, 5) (N, steps), got (4, 4)" in err

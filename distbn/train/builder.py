@@ -40,13 +40,16 @@ class Dataset:
 
     Attributes:
         x_train, y_train, x_test, y_test: arrays; x in `data_format`, y int64 labels.
+        mask_train, mask_test: (N, steps) bool masks of sequence data, or None.
         num_classes: the number of classes.
         input_shape: one sample's shape in `data_format` (no batch axis).
     """
 
-    def __init__(self, x_train, y_train, x_test, y_test, num_classes):
+    def __init__(self, x_train, y_train, x_test, y_test, num_classes, mask_train=None,
+                 mask_test=None):
         self.x_train, self.y_train = x_train, y_train
         self.x_test, self.y_test = x_test, y_test
+        self.mask_train, self.mask_test = mask_train, mask_test
         self.num_classes = int(num_classes)
         self.input_shape = tuple(x_train.shape[1:])
 
@@ -65,6 +68,7 @@ def load_dataset(config) -> Dataset:
         A `Dataset`. Raises `data.DataError` for an unusable .npz file.
     """
     d, m = config.data, config.model
+    mask_train = mask_test = None
     if d.name == "patterns":
         x_train, y_train, x_test, y_test = _data.make_patterns(
             d.n_train, d.n_test, image_size=d.image_size, num_classes=d.num_classes,
@@ -80,15 +84,22 @@ def load_dataset(config) -> Dataset:
                        d.num_classes)
     else:
         x_train, y_train, x_test, y_test = _data.load_npz(d.path, num_classes=d.num_classes)
+        mask_train, mask_test = _data.load_npz_masks(d.path, x_train.shape, x_test.shape)
         # n_train/n_test: "the first n samples" of the user's file.
         if d.n_train is not None:
             x_train, y_train = x_train[:d.n_train], y_train[:d.n_train]
+            mask_train = None if mask_train is None else mask_train[:d.n_train]
         if d.n_test is not None:
             x_test, y_test = x_test[:d.n_test], y_test[:d.n_test]
+            mask_test = None if mask_test is None else mask_test[:d.n_test]
         x_train = x_train.astype(m.dtype, copy=False)
         x_test = x_test.astype(m.dtype, copy=False)
+    if mask_train is not None and m.data_format == "channels_first":
+        raise _data.DataError(f"{d.path}: masks follow the steps axis of channels_last "
+                              "sequences; set model.data_format: channels_last")
     return Dataset(_data.to_data_format(x_train, m.data_format), y_train,
-                   _data.to_data_format(x_test, m.data_format), y_test, d.num_classes)
+                   _data.to_data_format(x_test, m.data_format), y_test, d.num_classes,
+                   mask_train=mask_train, mask_test=mask_test)
 
 
 def _accepted_arguments(cls) -> tuple[list[str], bool]:

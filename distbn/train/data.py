@@ -18,6 +18,7 @@ from distbn.distribute.sharding import shard_slice  # noqa: F401  (re-exported)
 
 __all__ = [
     "MappedSamples",
+    "load_npz_masks",
     "open_npy_dir",
     "DataError",
     "PATTERN_CLASSES",
@@ -307,6 +308,41 @@ def load_npz(path, num_classes=None):
     y_train = _check_y(f"{path}: y_train", arrays["y_train"], x_train.shape[0], num_classes)
     y_test = _check_y(f"{path}: y_test", arrays["y_test"], x_test.shape[0], num_classes)
     return x_train, y_train, x_test, y_test
+
+
+_MASK_KEYS = ("mask_train", "mask_test")
+
+
+def load_npz_masks(path, x_train_shape, x_test_shape):
+    """The optional `mask_train` and `mask_test` arrays of a sequence .npz.
+
+    A mask is (N, steps), boolean or 0/1, one per split (both or neither), for x of
+    shape (N, steps, features): True marks the steps that count (Keras' convention).
+
+    Returns:
+        (mask_train, mask_test) as bool arrays, or (None, None) without masks.
+    """
+    with np.load(os.fspath(path), allow_pickle=False) as archive:
+        present = [k for k in _MASK_KEYS if k in archive.files]
+        if not present:
+            return None, None
+        if len(present) == 1:
+            other = _MASK_KEYS[1 - _MASK_KEYS.index(present[0])]
+            raise DataError(f"{path}: has {present[0]} but not {other}: give both or neither")
+        masks = {k: archive[k] for k in _MASK_KEYS}
+    out = []
+    for key, shape in zip(_MASK_KEYS, (x_train_shape, x_test_shape), strict=True):
+        m = masks[key]
+        if len(shape) != 3:
+            raise DataError(f"{path}: {key}: masks are for (N, steps, features) x, but x has "
+                            f"shape {tuple(shape)}")
+        if m.shape != tuple(shape[:2]):
+            raise DataError(f"{path}: {key}: expected shape {tuple(shape[:2])} (N, steps), "
+                            f"got {m.shape}")
+        if m.dtype != bool and not (m.dtype.kind in "iuf" and np.isin(m, (0, 1)).all()):
+            raise DataError(f"{path}: {key}: expected booleans or 0/1, got dtype {m.dtype}")
+        out.append(m.astype(bool))
+    return out[0], out[1]
 
 
 class MappedSamples:

@@ -186,7 +186,9 @@ class Trainer:
         y = self.dataset.y_train[local]
         skip = self.config.train.on_nonfinite == "skip_step"
         before = self._moving_statistics() if skip else None
-        out = self.model(x, training=True, sample_ids=local, step=step)
+        masks = getattr(self.dataset, "mask_train", None)
+        mask = None if masks is None else masks[local]
+        out = self.model(x, training=True, sample_ids=local, step=step, mask=mask)
         per_sample, dout = self.loss_fn(out, y)
         # d(mean over the GLOBAL batch): each rank's share, so the ranks' sum is exact.
         dout = dout / np.asarray(n_global, dtype=dout.dtype)
@@ -264,8 +266,10 @@ class Trainer:
         first = None
         try:
             with np.errstate(all="ignore"):
+                masks = getattr(self.dataset, "mask_train", None)
+                mask = None if masks is None else masks[local]
                 outputs = self.model.layer_outputs(x, training=True, sample_ids=local,
-                                                   step=step)
+                                                   step=step, mask=mask)
                 for layer, h in outputs:
                     # Every layer runs on every rank (synchronized ones communicate).
                     if first is None and not np.all(np.isfinite(h)):
@@ -390,7 +394,9 @@ class Trainer:
             chunk = max(self.config.train.global_batch_size, 256)
             for start in range(part.start, part.stop, chunk):
                 stop = min(start + chunk, part.stop)
-                out = self.model(x_all[start:stop], training=False)
+                masks = getattr(self.dataset, f"mask_{split}", None)
+                out = self.model(x_all[start:stop], training=False,
+                                 mask=None if masks is None else masks[start:stop])
                 per_sample, _ = self.loss_fn(out, y_all[start:stop])
                 totals += (float(np.sum(per_sample)), _count_correct(out, y_all[start:stop]),
                            stop - start)
