@@ -12,7 +12,8 @@ Points:
     "checkpoint"  rank 0 writing a checkpoint, after the array files and before the
                   manifest (the hidden temporary directory is left half-written)
     "bn_forward"  a synchronized BatchNormalization forward, just before its
-                  statistics all-reduce
+                  statistics all-reduce: `MPIStrategy.sync_all_reduce` with a name
+                  ending in "/forward" (the numpy layer and the torch adapter name it so)
 
 Syntax: `point` alone fails on every rank the first time it is reached; `:rank` only
 on that COMM_WORLD rank; `@hit` at the hit-th time (from 1) that rank reaches it;

@@ -38,6 +38,7 @@ def _copy(tmp_path) -> Path:
     ("distbn/layers/_bad_import.py", "from distbn.train import trainer\n", "Layers"),
     ("distbn/torch/_bad_import.py", "import distbn.models\n", "Layers"),
     ("distbn/keras/_bad_import.py", "from distbn.layers import BatchNormalization\n", "Layers"),
+    ("distbn/layers/_bad_import.py", "from distbn.faults import maybe_fail\n", "Fault hook"),
 ])
 def test_a_wrong_import_breaks_a_contract(tmp_path, module, line, contract):
     root = _copy(tmp_path)

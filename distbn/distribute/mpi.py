@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from distbn.faults import maybe_fail
+
 from .abort import install_abort_hook
 from .buffers import check_buffer, check_op, check_root
 from .check import Descriptor, check_from_env, verify
@@ -181,6 +183,11 @@ class MPIStrategy(Strategy):
         ch = self._group
         if ch is None:
             return buf
+        if name is not None and str(name).endswith("/forward"):
+            # DISTBN_FAULT's "bn_forward" point lives at the collective seam, so layers
+            # and adapters import nothing test-only; before `_begin`, so a stall injected
+            # here leaves this rank "not arrived" for the watchdog.
+            maybe_fail("bn_forward")
         self._begin(ch, "sync_all_reduce", name, buf=buf, op="sum")
         ch.comm.Allreduce(self._in_place, buf, self._ops["sum"])
         self._completed += 1

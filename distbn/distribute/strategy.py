@@ -172,11 +172,13 @@ class Strategy:
         """Sum `buf` in place over this replica's batch-norm sync group.
 
         Synchronized BatchNormalization calls it once per forward and once per backward
-        pass with a packed float64 buffer. Other collectives span all replicas.
+        pass with a packed float64 buffer, named "<layer>/forward" and "<layer>/backward".
+        Other collectives span all replicas.
 
         Args:
             buf: C-contiguous, writeable numpy array of float32, float64 or integers.
-            name: a label for check mode (the layer name).
+            name: a label for check mode; a name ending in "/forward" marks a forward
+                pass's statistics (`DISTBN_FAULT`'s "bn_forward" point fires there).
 
         Returns:
             `buf`, now holding the group sum.

@@ -10,7 +10,6 @@ import numpy as np
 from distbn import constraints, initializers, regularizers
 from distbn import ops as _ops
 from distbn.distribute import get_strategy
-from distbn.faults import maybe_fail
 from distbn.layers.base import Layer
 from distbn.ops import renorm as _renorm
 
@@ -511,7 +510,6 @@ class BatchNormalization(Layer):
         call with a single replica.
         """
         if self._replicas_in_sync > 1:
-            maybe_fail("bn_forward")  # DISTBN_FAULT: a failure just before the collective
             self._strategy.sync_all_reduce(buffer, name=f"{self.name}/forward")
         return buffer
 
