@@ -433,6 +433,21 @@ class OptimizerConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PreciseBNConfig(_Section):
+    """`train.precise_bn`: PreciseBN before each evaluation (`distbn.train.precise_bn`).
+
+    Attributes:
+        batches: recompute every BatchNormalization layer's moving statistics as the
+            population statistics of this many training batches (>= 0; the schedule's
+            first steps, weights frozen, layers in order, pooled exactly over all
+            replicas) before each evaluation; training continues from them. 0
+            (default): off, evaluation uses the moving averages.
+    """
+
+    batches: int = _f(0, ge=0)
+
+
+@dataclass(frozen=True)
 class TrainConfig(_Section):
     """`train`: how long and how to train.
 
@@ -460,6 +475,7 @@ class TrainConfig(_Section):
         check_replicas_every: every this many steps (>= 0), compare a SHA-256 of every
             parameter and synchronized moving statistic across ranks and stop every rank
             (exit 1) naming the ranks and the first tensor that drifted; 0 (default): off.
+        precise_bn: `PreciseBNConfig` (PreciseBN before each evaluation; default off).
     """
 
     global_batch_size: int = _f(128, ge=1)
@@ -472,6 +488,7 @@ class TrainConfig(_Section):
     eval_every: int = _f(0, ge=0)
     on_nonfinite: Literal["raise", "skip_step"] = "raise"
     check_replicas_every: int = _f(0, ge=0)
+    precise_bn: PreciseBNConfig = _f(factory=PreciseBNConfig)
 
     def _check(self, path, ctx):
         if self.epochs is not None and self.steps is not None:
