@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distbn import constraints, initializers, regularizers
+from distbn.checks import check_bool, check_int, check_number, is_int, is_number
 from distbn import ops as _ops
 from distbn.distribute import get_strategy
 from distbn.layers.base import Layer
@@ -21,26 +22,15 @@ _LEGACY_KEYS = ("fused", "adjustment")
 _RENORM_CLIPPING_KEYS = ["rmax", "rmin", "dmax"]
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
 def _check_axis(axis):
     """An int, or a non-empty list/tuple of distinct ints (returned as a tuple)."""
-    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+    if is_int(axis):
         return int(axis)
-    if (isinstance(axis, (list, tuple)) and axis
-            and all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis)):
+    if isinstance(axis, (list, tuple)) and axis and all(is_int(a) for a in axis):
         if len(set(axis)) != len(axis):
             raise ValueError(f"axis must not repeat an axis, got axis={axis!r}")
         return tuple(int(a) for a in axis)
     raise ValueError(f"axis must be an int or a non-empty list/tuple of ints, got axis={axis!r}")
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a bool, got {name}={value!r}")
-    return bool(value)
 
 
 def _check_renorm_clipping(renorm_clipping) -> dict:
@@ -57,7 +47,7 @@ def _check_renorm_clipping(renorm_clipping) -> dict:
             f"{clipping}. Supported values: {_RENORM_CLIPPING_KEYS}."
         )
     for key, value in clipping.items():
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             raise ValueError(
                 f"renorm_clipping[{key!r}] must be a float or None, got {value!r}"
             )
@@ -184,31 +174,20 @@ class BatchNormalization(Layer):
                  name=None, dtype=None, trainable=True, **kwargs):
         super().__init__(name=name, dtype=dtype, trainable=trainable, **kwargs)
         self.axis = _check_axis(axis)
-        self.renorm = _check_bool(False if renorm is None else renorm, "renorm")
+        self.renorm = check_bool(False if renorm is None else renorm, "renorm")
         # Keras keeps renorm_clipping as given ({} for None once renorm is on).
         self.renorm_clipping = (_check_renorm_clipping(renorm_clipping) if self.renorm
                                 else renorm_clipping)
-        if not _is_number(renorm_momentum) or not 0.0 <= renorm_momentum <= 1.0:
-            raise ValueError("renorm_momentum must be a float in [0, 1], got "
-                             f"renorm_momentum={renorm_momentum!r}")
-        self.renorm_momentum = float(renorm_momentum)
-        if virtual_batch_size is not None and not (
-                isinstance(virtual_batch_size, (int, np.integer))
-                and not isinstance(virtual_batch_size, bool) and virtual_batch_size > 0):
-            raise ValueError(
-                "virtual_batch_size must be a positive integer that divides the batch "
-                f"size, got virtual_batch_size={virtual_batch_size!r}"
-            )
-        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
-        if not _is_number(momentum) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be a float in [0, 1], got momentum={momentum!r}")
-        if not _is_number(epsilon) or not (math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"epsilon must be a positive float, got epsilon={epsilon!r}")
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.center = _check_bool(center, "center")
-        self.scale = _check_bool(scale, "scale")
-        self.synchronized = _check_bool(synchronized, "synchronized")
+        self.renorm_momentum = check_number(renorm_momentum, "renorm_momentum", low=0, high=1)
+        self.virtual_batch_size = None if virtual_batch_size is None else check_int(
+            virtual_batch_size, "virtual_batch_size", minimum=1,
+            what="a positive integer that divides the batch size")
+        self.momentum = check_number(momentum, "momentum", low=0, high=1)
+        self.epsilon = check_number(epsilon, "epsilon", low=0, low_open=True,
+                                    what="a positive float")
+        self.center = check_bool(center, "center")
+        self.scale = check_bool(scale, "scale")
+        self.synchronized = check_bool(synchronized, "synchronized")
         if self.synchronized and self.virtual_batch_size is not None:
             raise ValueError(
                 "virtual_batch_size and synchronized=True cannot be combined: a ghost batch "
