@@ -1,9 +1,9 @@
 """Argument checks shared by the layers, initializers, regularizers, optimizers, schedules
-and the training helpers: "an int but not a bool", "a positive int", "a number in bounds".
+and the training helpers: "an int but not a bool", "a positive integer", "a number in bounds".
 
 A leaf (numpy only), so any module may import it. Every failure is a ValueError whose
 text names the argument and quotes the value: "<name> must be <what>, got <name>=<value>"
-(`named=False`: "got <value>", for the messages older tests pin; `where`: a prefix such as
+(`named=False`: "got <value>", the form some older messages keep; `where`: a prefix such as
 the class name). Python's bool is an int subclass, and numpy's integers and floats are not
 Python ints and floats: the predicates settle both once.
 """
@@ -38,7 +38,7 @@ def fail(name: str, what: str, value, *, named: bool = True, where: str | None =
 
     Args:
         name: the argument's name.
-        what: what it must be, e.g. "a positive int".
+        what: what it must be, e.g. "a positive integer".
         value: the value received (quoted with repr).
         named: False quotes the value alone ("got 5").
         where: an optional prefix, e.g. the class or function name.
@@ -69,12 +69,13 @@ def check_bool(value, name: str, *, what: str = "a bool", named: bool = True,
 
 def _int_what(minimum, maximum) -> str:
     if minimum is None and maximum is None:
-        return "an int"
+        return "an integer"
     if maximum is None:
-        return {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        return {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}")
     if minimum is None:
-        return f"an int <= {maximum}"
-    return f"an int in {minimum}..{maximum}"
+        return f"an integer <= {maximum}"
+    return f"an integer in {minimum}..{maximum}"
 
 
 def check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None,
@@ -85,8 +86,8 @@ def check_int(value, name: str, *, minimum: int | None = None, maximum: int | No
         value: the argument.
         name: its name, for the message.
         minimum, maximum: inclusive bounds, or None.
-        what: the message's description; by default from the bounds ("a positive int",
-            "an int >= 4", "an int in 1..10").
+        what: the message's description; by default from the bounds ("a positive
+            integer", "an integer >= 4", "an integer in 1..10").
         named, where: as for `fail`.
 
     Returns:
@@ -98,8 +99,8 @@ def check_int(value, name: str, *, minimum: int | None = None, maximum: int | No
     return int(value)
 
 
-def check_positive_int(value, name: str, *, what: str = "a positive int", named: bool = True,
-                       where: str | None = None) -> int:
+def check_positive_int(value, name: str, *, what: str = "a positive integer",
+                       named: bool = True, where: str | None = None) -> int:
     """`value` as an int >= 1 (not a bool); see `check_int`."""
     return check_int(value, name, minimum=1, what=what, named=named, where=where)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from distbn import _objects
 from distbn import random as _random
+from distbn.checks import check_int, check_number, fail, is_int
 
 __all__ = [
     "Initializer", "Zeros", "Ones", "Constant", "Identity", "RandomNormal",
@@ -126,9 +127,7 @@ def _check_seed(seed):
     # A serialized keras.random.SeedGenerator carries its integer seed in its config.
     if isinstance(seed, dict):
         seed = (seed.get("config") or {}).get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
-    return None if seed is None else int(seed)
+    return None if seed is None else check_int(seed, "seed", what="an int or None")
 
 
 class _Random(Initializer):
@@ -216,13 +215,13 @@ class VarianceScaling(_Random):
                  input_axes=None, output_axes=None):
         super().__init__(seed)
         for name, axes in (("input_axes", input_axes), ("output_axes", output_axes)):
-            if axes is not None and not (isinstance(axes, (list, tuple)) and all(
-                    isinstance(a, int) and not isinstance(a, bool) for a in axes)):
-                raise ValueError(f"{name} must be None or a list of ints, got {axes!r}")
-        self.input_axes = None if input_axes is None else list(input_axes)
-        self.output_axes = None if output_axes is None else list(output_axes)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-            raise ValueError(f"VarianceScaling: scale must be a positive float, got {scale!r}")
+            if axes is not None and not (isinstance(axes, (list, tuple))
+                                         and all(is_int(a) for a in axes)):
+                fail(name, "None or a list of ints", axes)
+        self.input_axes = None if input_axes is None else [int(a) for a in input_axes]
+        self.output_axes = None if output_axes is None else [int(a) for a in output_axes]
+        scale = check_number(scale, "scale", low=0, low_open=True, what="a positive float",
+                             where="VarianceScaling")
         if mode not in ("fan_in", "fan_out", "fan_avg"):
             raise ValueError(
                 f"VarianceScaling: mode must be 'fan_in', 'fan_out' or 'fan_avg', got {mode!r}"

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from distbn import constraints, initializers, regularizers
+from distbn.checks import check_positive_int, is_int
 
 __all__ = [
     "normalize_tuple", "normalize_data_format", "normalize_padding", "check_positive_int",
@@ -15,16 +16,9 @@ __all__ = [
 ]
 
 
-def check_positive_int(value, name: str) -> int:
-    """`value` as an int, or a ValueError naming `name` and quoting the value."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-    return int(value)
-
-
 def normalize_tuple(value, n: int, name: str) -> tuple[int, ...]:
     """An int or an n-sequence of positive ints as an n-tuple (Keras' `standardize_tuple`)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_int(value):
         values = (value,) * n
     else:
         try:
@@ -36,7 +30,7 @@ def normalize_tuple(value, n: int, name: str) -> tuple[int, ...]:
                 f"{name} must be an integer or a tuple of {n} integers, got {name}={value!r}"
             )
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must contain positive integers, got {name}={value!r}")
     return tuple(int(v) for v in values)
 

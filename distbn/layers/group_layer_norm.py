@@ -7,34 +7,15 @@ slices of a global batch compute exactly what one process computes on the whole 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 
+from distbn.checks import check_bool, check_int, check_number, is_int
 from distbn.layers import _common
 from distbn.layers.base import Layer
 
 __all__ = ["LayerNormalization", "GroupNormalization"]
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {name}={value!r}")
-    return bool(value)
-
-
-def _check_epsilon(value) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"epsilon must be a non-negative finite number, got epsilon={value!r}")
-    return float(value)
-
-
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {name}={value!r}")
-    return int(value)
 
 
 # --- kernels: normalise over `red` axes, then scale/shift ------------------------------------
@@ -82,9 +63,9 @@ class _PerSampleNorm(Layer):
     def _init_weight_args(self, epsilon, center, scale, beta_initializer, gamma_initializer,
                           beta_regularizer, gamma_regularizer, beta_constraint,
                           gamma_constraint):
-        self.epsilon = _check_epsilon(epsilon)
-        self.center = _check_bool(center, "center")
-        self.scale = _check_bool(scale, "scale")
+        self.epsilon = check_number(epsilon, "epsilon", low=0)
+        self.center = check_bool(center, "center")
+        self.scale = check_bool(scale, "scale")
         _common.resolve_weight_args(
             self, ("beta", "gamma"),
             {"beta": beta_initializer, "gamma": gamma_initializer},
@@ -183,12 +164,12 @@ class LayerNormalization(_PerSampleNorm):
                  rms_scaling=False, **kwargs):
         super().__init__(**kwargs)
         if isinstance(axis, (list, tuple)) and axis:
-            self.axis = [_check_int(a, "axis") for a in axis]
-        elif isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+            self.axis = [check_int(a, "axis") for a in axis]
+        elif is_int(axis):
             self.axis = int(axis)
         else:
             raise ValueError(f"axis must be an int or a non-empty list of ints, got axis={axis!r}")
-        self.rms_scaling = _check_bool(rms_scaling, "rms_scaling")
+        self.rms_scaling = check_bool(rms_scaling, "rms_scaling")
         if self.rms_scaling:
             warnings.warn("LayerNormalization: rms_scaling=True is deprecated in Keras (it "
                           "scales by the variance, not the root mean square)", stacklevel=2)
@@ -276,12 +257,11 @@ class GroupNormalization(_PerSampleNorm):
                  gamma_regularizer=None, beta_constraint=None, gamma_constraint=None,
                  **kwargs):
         super().__init__(**kwargs)
-        if (isinstance(groups, bool) or not isinstance(groups, (int, np.integer))
-                or (groups <= 0 and groups != -1)):
+        if not is_int(groups) or (groups <= 0 and groups != -1):
             raise ValueError("groups must be a positive integer (or -1 for instance "
                              f"normalization), got groups={groups!r}")
         self.groups = int(groups)
-        self.axis = _check_int(axis, "axis")
+        self.axis = check_int(axis, "axis")
         self._init_weight_args(epsilon, center, scale, beta_initializer, gamma_initializer,
                                beta_regularizer, gamma_regularizer, beta_constraint,
                                gamma_constraint)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distbn.checks import check_int
 from distbn.layers import _common
 from distbn.layers.base import Layer
 
@@ -120,9 +121,7 @@ class Concatenate(_Merge):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-            raise ValueError(f"axis must be an int, got axis={axis!r}")
-        self.axis = int(axis)
+        self.axis = check_int(axis, "axis")
         self._sizes = None
 
     def compute_output_shape(self, input_shape):
