@@ -40,6 +40,10 @@ def __getattr__(name):
         from distbn.train.inference import load_model
 
         return load_model
+    if name == "recompute_bn_statistics":  # PreciseBN, distbn.train.precise_bn
+        from distbn.train.precise_bn import recompute_bn_statistics
+
+        return recompute_bn_statistics
     raise AttributeError(f"module 'distbn' has no attribute {name!r}")
 
 
@@ -48,7 +52,7 @@ __all__ = [
     # layers and model
     "Layer", "Variable", "BatchNormalization", "Dense", "Conv2D", "MaxPooling2D",
     "AveragePooling2D", "GlobalAveragePooling2D", "Flatten", "ReLU", "Activation",
-    "Dropout", "Sequential", "Model", "load_model",
+    "Dropout", "Sequential", "Model", "load_model", "recompute_bn_statistics",
     "LayerNormalization", "GroupNormalization", "Conv1D", "GlobalAveragePooling1D", "Add",
     "Concatenate",
     # strategies
