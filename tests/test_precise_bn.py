@@ -250,3 +250,61 @@ def test_schedule_batches_are_the_trainers_global_batches_sharded():
         np.testing.assert_array_equal(np.concatenate([p[k][0] for p in parts]), one[k])
         assert parts[2][k][1].shape == (len(parts[2][k][0]), 4)
     assert list(ScheduleBatches(x, None, 5, 7, False, 6, 0, 1))[0].tolist() == one[0].tolist()
+
+
+TRAIN = """\
+seed: 3
+data: {name: patterns, n_train: 30, n_test: 11, image_size: 6}
+model:
+  dtype: float64
+  layers:
+    - {type: Conv2D, filters: 3, kernel_size: 3, padding: same, use_bias: false}
+    - {type: BatchNormalization, momentum: 0.9}
+    - {type: ReLU}
+    - {type: GlobalAveragePooling2D}
+    - {type: Dense, units: 6}
+    - {type: BatchNormalization, momentum: 0.9}
+    - {type: Dense, units: 10}
+train:
+  from_logits: true
+  global_batch_size: 8
+  steps: 5
+  optimizer: {name: sgd, learning_rate: 0.1}
+logging: {every_steps: 5, progress: none}
+"""
+
+
+def _fit(overrides=()):
+    import io
+
+    from distbn.train.config import parse_config
+    from distbn.train.trainer import Trainer
+
+    t = Trainer(parse_config(TRAIN, overrides=list(overrides)), distbn.LocalStrategy(),
+                out=io.StringIO())
+    t.fit()
+    return t
+
+
+def test_trainer_option_recomputes_before_the_evaluation_and_keeps_the_result():
+    precise = _fit(["train.precise_bn={batches: 6}"])  # 6 batches of 8 > 30: into epoch 1
+    plain = _fit()
+    w_precise, w_plain = precise.model.get_weight_dict(), plain.model.get_weight_dict()
+    for key, value in w_plain.items():  # plain BN: the statistics never touch the weights
+        if "moving" not in key:
+            np.testing.assert_array_equal(w_precise[key], value, err_msg=key)
+    assert any(np.abs(w_precise[k] - w_plain[k]).max() > 1e-6 for k in w_plain if "moving" in k)
+    # The same recomputation by hand on the schedule's first 6 global batches.
+    from distbn.train.data import BatchSchedule
+
+    schedule = BatchSchedule(30, 8, 3)
+    x = plain.dataset.x_train
+    summary = recompute_bn_statistics(plain.model, [x[schedule.batch_at(k)[2]]
+                                                    for k in range(6)], 6)
+    assert len(summary) == 2
+    for key, value in plain.model.get_weight_dict().items():
+        np.testing.assert_allclose(w_precise[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
+    # The final evaluation used them.
+    record = plain.evaluate("test")
+    assert precise.history[-1]["split"] == "test"
+    assert precise.history[-1]["loss"] == pytest.approx(record["loss"], rel=1e-12)

@@ -35,6 +35,7 @@ from distbn.train.config import config_hash
 from distbn.train.data import BatchSchedule, shard_slice
 from distbn.train.losses import accuracy as _count_correct
 from distbn.train.optimizers import clip_gradients
+from distbn.train.precise_bn import ScheduleBatches, recompute_bn_statistics
 from distbn.train.preemption import Preempted
 from distbn.train.progress import make_progress
 from distbn.train.rundir import MODEL_FILE, RunDir
@@ -689,7 +690,31 @@ class Trainer:
             "wall_time": wall,
         }
 
+    def precise_bn(self, num_batches=None, progress=None) -> dict:
+        """PreciseBN (collective): recompute every BN layer's moving statistics as the
+        population statistics of the schedule's first `num_batches` global batches
+        (default `train.precise_bn.batches`), each rank reading its shards; see
+        `distbn.train.precise_bn`. They replace the moving averages, as detectron2's
+        PreciseBN hook overwrites the running statistics: the evaluation, model.npz and
+        the rest of training use them.
+
+        Returns:
+            `recompute_bn_statistics`' per-layer summary.
+        """
+        self._start()
+        n = self.config.train.precise_bn.batches if num_batches is None else num_batches
+        summary = recompute_bn_statistics(self.model, ScheduleBatches.from_trainer(self, n),
+                                          n, self.strategy, progress)
+        if progress is not None and summary:
+            progress.message(
+                f"precise_bn: {n} batches, {len(summary)} layer(s), max |change| moving_mean "
+                f"{max(v['mean_change'] for v in summary.values()):.3g} moving_variance "
+                f"{max(v['var_change'] for v in summary.values()):.3g}")
+        return summary
+
     def _eval_and_log(self, progress, start) -> dict:
+        if self.config.train.precise_bn.batches:
+            self.precise_bn(progress=progress)
         record = self.evaluate("test")
         record["wall_time"] = time.perf_counter() - start
         self._record(record)
