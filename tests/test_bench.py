@@ -133,7 +133,7 @@ def test_parse_ranks_and_suites():
     for bad in ("1,x", "0", "", "1,-2"):
         with pytest.raises(ValueError, match=repr(bad).replace("\\", "\\\\")):
             parse_ranks(bad)
-    assert parse_suites([]) == ["kernel", "allreduce", "sync", "scaling", "torch"]
+    assert parse_suites([]) == ["kernel", "allreduce", "sync", "scaling", "torch", "step"]
     assert parse_suites(["sync", "kernel"]) == ["kernel", "sync"]
     with pytest.raises(ValueError, match="'kernal'.*did you mean 'kernel'"):
         parse_suites(["kernal"])
@@ -208,6 +208,9 @@ def test_tiny_run_writes_results_at_world_sizes_1_and_2(tiny_run):
     assert _by(records, "scaling.step", "efficiency", 2)
     assert _by(records, "kernel.forward", "time", 1) and _by(records, "kernel.backward", "time", 1)
     assert not [r for r in records if r["name"].startswith("kernel.") and r["world_size"] != 1]
+    # The step suite is one-process work: measured once, in the first world size's job.
+    assert _by(records, "step.train_step", "time", 1)
+    assert not [r for r in records if r["name"].startswith("step.") and r["world_size"] != 1]
     for key in ("hosts", "mpi_library", "numpy", "blas", "cpu_model", "distbn", "threads",
                 "command"):
         assert key in env, key
@@ -216,7 +219,7 @@ def test_tiny_run_writes_results_at_world_sizes_1_and_2(tiny_run):
     assert sorted(r["world_size"] for r in env["runs"]) == [1, 2]
     report = (out / "report.md").read_text()
     for section in ("## Environment", "## Kernels", "## Allreduce", "## Scaling",
-                    "## Synchronized vs replica-local"):
+                    "## Synchronized vs replica-local", "## Training step vs PyTorch"):
         assert section in report
     assert "[bench n=2" in stderr  # a progress line per measurement
 
@@ -305,3 +308,90 @@ def test_torch_suite_at_one_rank_compares_with_torch_batchnorm():
         assert rec["name"] == "torch.torch_bn_fwd_bwd" and rec["unit"] == "ratio"
         assert rec["value"] > 0 and rec["spread"]["repeats"] == 3
         assert rec["params"]["torch_ms"] > 0 and "ratios" not in rec["params"]
+
+
+# --- `bench report` subcommand and the step suite -----------------------------------------------
+
+def test_bench_parser_report_is_a_subcommand_beside_suite_names(capsys):
+    from distbn.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "kernel", "--quick", "sync", "--ranks", "1,2"])
+    assert args.suites == ["kernel", "sync"] and args.quick and args.ranks == "1,2"
+    assert args.bench_command is None and args.func.__name__ == "cmd_bench"
+    args = parser.parse_args(["bench", "report", "a", "b", "--out", "m"])
+    assert args.bench_command == "report" and args.dirs == ["a", "b"] and args.out == "m"
+    assert args.suites == [] and args.func.__name__ == "_cmd_report"
+    # A run option before `report` is refused as after it (not silently ignored).
+    assert main(["bench", "--tiny", "report", "somewhere"]) == 2
+    assert "--tiny" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["bench", "report", "--help"])
+    assert exc.value.code == 0 and "distbn bench report DIR..." in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "kernel", "--bogus"])
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_step_suite_times_distbn_next_to_torch_with_a_per_layer_breakdown():
+    pytest.importorskip("torch")
+    from distbn.bench import step
+
+    records = step.run(Context("tiny", None, stream=io.StringIO()))
+    for rec in records:
+        validate_record(rec)
+    impls = {r["params"]["impl"] for r in _by(records, "step.train_step", "time")}
+    assert impls == set(step.IMPLS)
+    for ref in ("torch_nchw", "torch_channels_last"):
+        (ratio,) = _by(records, "step.train_step", f"ratio_vs_{ref}")
+        assert ratio["unit"] == "ratio" and ratio["value"] > 0 and ratio["params"]["threads"] == 1
+    trainer = step.build_trainer(8)
+    names = [la.name for la in trainer.model.layers]
+    for impl in step.IMPLS:
+        layers = [r for r in _by(records, "step.layer") if r["params"]["impl"] == impl]
+        fwd = [r["params"]["layer"] for r in layers if r["metric"] == "forward_time"]
+        assert fwd == names, impl  # every layer, in model order, under its distbn name
+        assert [r for r in layers if r["metric"] == "rest_time"]
+        assert len([r for r in layers if r["metric"] == "backward_time"]) == len(names)
+    text = render_step(records)
+    assert "distbn/torch (channels_last)" in text and "| conv2d" in text
+
+
+def render_step(records):
+    from distbn.bench.report import render_markdown
+
+    return render_markdown({"environment": {}, "records": records})
+
+
+def test_step_suite_torch_model_is_the_same_model():
+    """The torch side computes what distbn's model does: same logits, loss and gradients
+    on the same batch from the same weights (else the ratio compares different work)."""
+    torch = pytest.importorskip("torch")
+    from distbn.bench import step
+
+    trainer = step.build_trainer(8)
+    model = trainer.model
+    x, labels = step._first_batch(trainer)
+    model.build((None,) + x.shape[1:])
+    net, names = step.torch_model(model, torch)
+    assert [n for n, _ in names] == [la.name for la in model.layers]
+    out = model(x, training=True)
+    per_sample, dout = trainer.loss_fn(out, labels)
+    model.backward(dout / len(labels))
+    for channels_last in (False, True):
+        ts = step._TorchStep(torch, step.torch_model(model, torch)[0], x, labels,
+                             channels_last, lr=0.0, momentum=0.0)
+        logits = ts.net(ts.x)
+        np.testing.assert_allclose(logits.detach().numpy(), out, rtol=1e-4, atol=1e-5)
+        loss = torch.nn.functional.cross_entropy(logits, ts.y)
+        assert loss.item() == pytest.approx(float(np.mean(per_sample)), rel=1e-5)
+        loss.backward()
+        conv = ts.net[0].weight.grad.permute(2, 3, 1, 0).numpy()
+        np.testing.assert_allclose(conv, model.layers[0].kernel.grad, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="'flatten'.*Flatten"):
+        from distbn import Sequential
+        from distbn.layers import Flatten
+
+        bad = Sequential([Flatten(name="flatten")])
+        bad.build((None, 4, 4, 3))
+        step.torch_model(bad, torch)

@@ -1,7 +1,7 @@
 """`distbn bench`: the benchmark command (registered by `distbn.cli.build_parser`).
 
     distbn bench [--quick] [--out DIR] [--ranks 1,2,...] [SUITE ...]
-    distbn bench report DIR... [--out OUT]
+    distbn bench report DIR... [--out OUT | --summary]     (an argparse subcommand)
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ Benchmark jobs. Suites: kernel (BN forward/backward time and effective GB/s vs t
 machine's copy bandwidth and PyTorch's CPU batch_norm), allreduce (Allreduce latency and
 bandwidth for BN buffers and gradient buckets), sync (synchronized vs replica-local BN
 step time and overhead), scaling (training throughput of the quickstart config,
-configs/quickstart.yaml, shipped in the package, at each world size). Default: all suites.
+configs/quickstart.yaml, shipped in the package, at each world size), torch
+(distbn.torch.SyncBatchNorm vs torch.nn.BatchNorm2d), step (the quickstart model's
+training step next to the same model in PyTorch, NCHW and channels_last, one process,
+one thread unless --threads, with a per-layer breakdown). Default: all suites.
 
 Run as one process, it measures each world size of --ranks through mpiexec (one rank
 per core, one thread per rank). Under mpiexec/srun with more than one rank, or with
@@ -36,23 +39,61 @@ how to get them).
 different node counts) into one report: written to OUT, or printed."""
 
 
+class _SuitesOrCommand(argparse._SubParsersAction):
+    """Subcommands of `distbn bench` (`report`) beside its positional suite names.
+
+    argparse takes a parser's first positional word as the subcommand; here a word that
+    names no subcommand starts the list of suites instead (`distbn bench kernel sync`).
+    """
+
+    class _Any(dict):
+        def __contains__(self, _name) -> bool:  # argparse's "invalid choice" check
+            return True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.choices = self._Any()
+
+    def add_parser(self, name, **kwargs):
+        parser = super().add_parser(name, **kwargs)
+        self.choices[name] = parser
+        return parser
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values[0] in self._name_parser_map:
+            super().__call__(parser, namespace, values, option_string)
+            return
+        # A suite name. argparse hands this action every word after it, options
+        # included (`kernel --quick sync`): parse those with the bench parser again,
+        # which calls this action for the next suite name, so the names accumulate.
+        namespace.suites = [*namespace.suites, values[0]]
+        _, extras = parser.parse_known_args(values[1:], namespace)
+        if extras:  # as argparse's own subparsers do: the top level reports them
+            vars(namespace).setdefault(argparse._UNRECOGNIZED_ARGS_ATTR, []).extend(extras)
+
+
+# Options of a suite run that `bench report` refuses (by name) instead of ignoring them.
+_RUN_ONLY = (("--quick", {"action": "store_true"}), ("--tiny", {"action": "store_true"}),
+             ("--no-launch", {"action": "store_true"}), ("--ranks", {}),
+             ("--scaling-config", {}), ("--threads", {}), ("--cold-start", {"type": int}))
+
+
 def add_parser(sub) -> None:
-    """Add the `bench` subcommand to the `distbn` subparsers.
+    """Add the `bench` subcommand (and `bench report`) to the `distbn` subparsers.
 
     Args:
         sub: the object `ArgumentParser.add_subparsers()` returned.
     """
-    p = sub.add_parser("bench", help="benchmark jobs: kernels, allreduce, sync BN, scaling",
+    p = sub.add_parser("bench", help="benchmark jobs: kernels, allreduce, sync BN, scaling, "
+                       "training step vs PyTorch",
                        usage=_USAGE, description=_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help="kernel, allreduce, sync, scaling (default: all); or `report DIR...`")
+    p.set_defaults(suites=[], bench_command=None)
     p.add_argument("--quick", action="store_true",
                    help="small sizes and few repeats: a few minutes on a laptop "
                         "(default --ranks 1,2)")
     p.add_argument("--out", metavar="DIR",
-                   help="output directory (default runs/bench-<YYYYmmdd-HHMMSS>); for "
-                        "`report`, where the merged report goes (default: print it)")
+                   help="output directory (default runs/bench-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--ranks", metavar="1,2,...",
                    help="world sizes to measure (default 1,2 with --quick, else powers of two "
                         "up to the CPU count)")
@@ -66,19 +107,42 @@ def add_parser(sub) -> None:
     p.add_argument("--mpiexec", metavar="PATH",
                    help="the mpiexec to launch with (default: $DISTBN_MPIEXEC, the venv's, PATH)")
     p.add_argument("--threads", metavar="1,2,...",
-                   help="kernel suite: thread counts to measure at (default: the kernel "
-                        "backend's, one per rank under distbn's launchers)")
+                   help="kernel and step suites: thread counts to measure at (default: the "
+                        "kernel backend's for kernel, one per rank under distbn's launchers; "
+                        "1 for step)")
     p.add_argument("--cold-start", type=int, default=0, metavar="N",
                    help="kernel suite: also time N processes compiling the numba kernels at "
                         "once from an empty cache")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="seconds allowed per world size (default: no limit)")
     # Internal: minimal sizes for the tests, and parts that the parent merges itself.
-    p.add_argument("--summary", action="store_true",
-                   help="`report` only: print a compact summary (the README's table)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
+    cmds = p.add_subparsers(action=_SuitesOrCommand, dest="bench_command",
+                            metavar="SUITE ... | report",
+                            help="suites: " + ", ".join(_suite_names()) + " (default: all); "
+                                 "or `report DIR...` to merge result directories")
+    r = cmds.add_parser("report", help="merge result directories into one report",
+                        usage="distbn bench report DIR... [--out OUT | --summary]",
+                        description="Merge the results.json of result directories (e.g. "
+                                    "jobs on different node counts) into one report: "
+                                    "written to OUT, or printed.")
+    r.add_argument("dirs", nargs="*", metavar="DIR", help="result directories")
+    r.add_argument("--out", metavar="OUT", default=argparse.SUPPRESS,
+                   help="where the merged results.json and report.md go (default: print "
+                        "the report)")
+    r.add_argument("--summary", action="store_true",
+                   help="print a compact summary (the README's tables)")
+    for flag, kw in _RUN_ONLY:  # accepted only to be refused with a clear message
+        r.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+    r.set_defaults(func=_cmd_report)
+
+
+def _suite_names() -> list[str]:
+    from distbn.bench.runner import SUITES
+
+    return list(SUITES)
 
 
 def _error(message: str) -> int:
@@ -109,10 +173,10 @@ def _cmd_report(args) -> int:
     from distbn.bench.report import merge_dirs, render_markdown, render_summary, write_report
     from distbn.bench.results import write_results
 
-    dirs = args.suites[1:]
+    dirs = args.dirs
     extra = [f for f in ("quick", "tiny", "no_launch", "ranks", "scaling_config", "threads",
                          "cold_start")
-             if getattr(args, f)]
+             if getattr(args, f, None)]
     if extra:
         return _error(f"`bench report` takes DIR... and --out only, got --"
                       f"{extra[0].replace('_', '-')}")
@@ -123,11 +187,11 @@ def _cmd_report(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         return _error(str(exc))
     if args.summary:
-        if args.out is not None:
+        if getattr(args, "out", None) is not None:
             return _error("--summary prints to stdout; leave out --out")
         sys.stdout.write(render_summary(merged))
         return 0
-    if args.out is None:
+    if getattr(args, "out", None) is None:
         sys.stdout.write(render_markdown(merged))
         return 0
     write_results(args.out, merged["environment"], merged["records"])
@@ -151,8 +215,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from distbn.bench import runner
 
-    if args.suites and args.suites[0] == "report":
-        return _cmd_report(args)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     here = args.no_launch or current_world_size() > 1
     problem = None

@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ["render_markdown", "render_summary", "write_report", "merge_dirs"]
 
 REPORT_FILE = "report.md"
-_KNOWN = ("kernel.", "allreduce.", "sync.", "scaling.")
+_KNOWN = ("kernel.", "allreduce.", "sync.", "scaling.", "step.")
 
 
 # --- formatting ------------------------------------------------------------------------------
@@ -316,6 +316,71 @@ def _scaling(records, multi, compact=False) -> list[str]:
     return out + _table(head, body)
 
 
+def _step(records, multi, compact=False) -> list[str]:
+    """The step suite: distbn's training step vs PyTorch's, then the per-layer breakdown."""
+    rows = _rows(records, "step.train_step", multi)
+    if not rows:
+        return []
+    out = [] if compact else [
+        "One training step of the quickstart model (`Trainer.train_step()`: forward, loss, "
+        "backward, optimizer) next to the same model in PyTorch (torch.nn modules, SGD with "
+        "momentum, the same initial weights), one process, timed interleaved (one sample of "
+        "each per round); distbn/torch = median of the per-round ratios.", ""]
+    times = {}
+    for (_name, _ws, src, _p), row in rows.items():
+        p = row["params"]
+        key = (str(src), p.get("threads"), p.get("batch"), p.get("backend"))
+        entry = times.setdefault(key, {"source": src})
+        if "impl" in p:
+            entry[p["impl"]] = row.get("time")
+        else:
+            entry.update(row)
+    body = []
+    for (src, threads, batch, backend), e in sorted(times.items(), key=lambda kv: str(kv[0])):
+        body.append(([e["source"] or "–"] if multi else []) + [
+            batch, threads, backend, _cell(e.get("distbn"), True),
+            _cell(e.get("torch_nchw"), True), _cell(e.get("torch_channels_last"), True),
+            _cell(e.get("ratio_vs_torch_channels_last"), True),
+            _cell(e.get("ratio_vs_torch_nchw"), True)])
+    head = (["source"] if multi else []) + [
+        "batch", "threads", "kernels", "distbn step", "torch NCHW", "torch channels_last",
+        "distbn/torch (channels_last)", "distbn/torch (NCHW)"]
+    out += _table(head, body)
+    if compact:
+        return out
+    layers: dict = {}
+    for rec in records:
+        if rec["name"] != "step.layer":
+            continue
+        p = rec["params"]
+        key = (str(rec.get("source") if multi else ""), p.get("threads"))
+        table = layers.setdefault(key, {})
+        row = table.setdefault(p["layer"], {"index": p.get("index", 0)})
+        if p["impl"] == "distbn":
+            row["index"], row["type"] = p.get("index", 0), p.get("type", "")
+        row[(p["impl"], rec["metric"])] = rec
+    impls = ("distbn", "torch_channels_last", "torch_nchw")
+    for (src, threads), table in layers.items():
+        out += [f"Per layer{f' ({src})' if src else ''}, {threads} thread(s): forward and "
+                "backward time per step (medians of instrumented steps; distbn times each "
+                "layer's `call` and `backward`, torch uses module hooks). \"rest\" = the "
+                "instrumented step minus its layers (loss, optimizer, gradient norm, the "
+                "model's loop); a layer fused into its predecessor shows ~0.", ""]
+        body = []
+        for name, row in sorted(table.items(), key=lambda kv: kv[1]["index"]):
+            cells = [name, row.get("type", "")]
+            for impl in impls:
+                if name == "(rest of step)":
+                    cells += [_cell(row.get((impl, "rest_time"))), "–"]
+                else:
+                    cells += [_cell(row.get((impl, "forward_time"))),
+                              _cell(row.get((impl, "backward_time")))]
+            body.append(cells)
+        out += _table(["layer", "type", "distbn fwd", "distbn bwd", "torch CL fwd",
+                       "torch CL bwd", "torch NCHW fwd", "torch NCHW bwd"], body)
+    return out
+
+
 def _other(records) -> list[str]:
     rest = [r for r in records if not r["name"].startswith(_KNOWN)]
     body = [[r["name"], r["metric"], r["world_size"], _cell(r, True),
@@ -345,6 +410,7 @@ def render_markdown(results: dict, plots=()) -> str:
                            ("Synchronized vs replica-local BatchNormalization",
                             _sync(records, multi)),
                            ("Scaling", _scaling(records, multi)),
+                           ("Training step vs PyTorch", _step(records, multi)),
                            ("Other records", _other(records))):
         if section:
             lines += [f"## {title}", ""] + section
@@ -385,7 +451,8 @@ def render_summary(results: dict) -> str:
     if env.get("command"):
         lines += [f"Command: `{env['command']}`", ""]
     for section in (_kernel(records, multi, True), _allreduce(records, multi, True),
-                    _sync(records, multi, True), _scaling(records, multi, True)):
+                    _sync(records, multi, True), _scaling(records, multi, True),
+                    _step(records, multi, True)):
         lines += section
     return "\n".join(lines).rstrip() + "\n"
 

@@ -18,16 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-from distbn.bench import allreduce, frameworks, kernel, scaling, sync
+from distbn.bench import allreduce, frameworks, kernel, scaling, step, sync
 from distbn.bench.context import Context
 from distbn.bench.environment import environment, load_average
 from distbn.bench.results import merge_results, read_results, write_results
 
-__all__ = ["SUITES", "parse_suites", "parse_ranks", "default_ranks", "default_out_dir",
+__all__ = ["SUITES", "ONE_PROCESS", "parse_suites", "parse_ranks", "default_ranks", "default_out_dir",
            "measure", "launch_all", "finish", "note_missing_plots"]
 
 #: Suite name -> module with `run(ctx)`, in the order they run.
-SUITES = {m.NAME: m for m in (kernel, allreduce, sync, scaling, frameworks)}
+SUITES = {m.NAME: m for m in (kernel, allreduce, sync, scaling, frameworks, step)}
+#: Suites measured by one process (rank 0 of the first world size's job), whatever the
+#: world size: they time one-process work.
+ONE_PROCESS = ("kernel", "step")
 
 
 def parse_suites(names) -> list[str]:
@@ -97,8 +100,8 @@ def measure(suites, mode: str, comm=None, scaling_config=None, stream=None,
             kernel_threads=None, cold_start: int = 0):
     """Run `suites` at `comm`'s world size (collective); rank 0 gets the results.
 
-    The kernel suite is one-process work: rank 0 runs it (records at world size 1)
-    while the other ranks wait.
+    The kernel and step suites are one-process work: rank 0 runs them (records at world
+    size 1) while the other ranks wait.
 
     Args:
         suites: validated suite names.
@@ -106,7 +109,8 @@ def measure(suites, mode: str, comm=None, scaling_config=None, stream=None,
         comm: an mpi4py Intracomm (default COMM_WORLD).
         scaling_config: the training config of the scaling suite (default quickstart).
         stream: where progress goes (default stderr).
-        kernel_threads: thread counts of the kernel suite (default: the backend's).
+        kernel_threads: thread counts of the kernel suite (default: the backend's) and
+            of the step suite (default: one).
         cold_start: the kernel suite's cold-start processes (0: none).
 
     Returns:
@@ -122,10 +126,11 @@ def measure(suites, mode: str, comm=None, scaling_config=None, stream=None,
     records = []
     for name in suites:
         ctx.progress(f"suite {name}")
-        if name == "kernel":
+        if name in ONE_PROCESS:
             if ctx.is_root:
-                records += kernel.run(Context(mode, None, stream, start), kernel_threads,
-                                      cold_start)
+                here = Context(mode, None, stream, start)
+                records += (kernel.run(here, kernel_threads, cold_start) if name == "kernel"
+                            else step.run(here, kernel_threads))
             ctx.barrier()
         elif name == "scaling":
             records += scaling.run(ctx, scaling_config)
@@ -174,7 +179,7 @@ def launch_all(suites, ranks, mode: str, out_dir, scaling_config=None, mpiexec=N
                cold_start: int = 0) -> tuple[dict | None, list[str]]:
     """Measure at each world size in `ranks` through mpiexec and merge the results.
 
-    The kernel suite runs once, in the first (smallest) world size's job.
+    The kernel and step suites run once, in the first (smallest) world size's job.
 
     Args:
         suites: validated suite names.
@@ -200,7 +205,7 @@ def launch_all(suites, ranks, mode: str, out_dir, scaling_config=None, mpiexec=N
     cpus = os.cpu_count() or 1
     parts, failures = [], []
     for i, n in enumerate(ranks):
-        these = [s for s in suites if s != "kernel" or i == 0]
+        these = [s for s in suites if s not in ONE_PROCESS or i == 0]
         if not these:
             continue
         part = out_dir / "parts" / f"n{n}"
