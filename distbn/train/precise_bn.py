@@ -295,7 +295,9 @@ def recompute_bn_statistics(model, batches, num_batches, strategy=None, progress
         `{layer name: {"count", "mean_change", "var_change", "pass"}}`: the global
         number of positions per channel (the largest over channels), the largest
         |new − old| of moving_mean and of moving_variance, and the pass (0-based) that
-        recomputed it. Identical on every rank. Empty for a model without BN layers.
+        recomputed it. count and pass are the same on every rank; the changes are
+        from this rank's own previous statistics (replica-local ones differ). Empty
+        for a model without BN layers.
 
     Raises:
         ValueError: `num_batches` < 1; `batches` yielded fewer than `num_batches` items
