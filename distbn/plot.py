@@ -3,7 +3,8 @@
 * `distbn plot RUN_DIR`: loss and accuracy curves of a run (`plot_run`).
 * `distbn bench`: allreduce latency, training throughput, kernel bandwidth
   (`bench_figures`).
-* `distbn compare`: the study's panels (`study_figure`).
+* `distbn compare`: the study's curves (`study_figure`) and test error against the
+  normalization batch size (`batch_figure`).
 
 One behaviour without matplotlib: the commands still write their tables (report.md) and
 say once, with `NO_MATPLOTLIB`, how to get the figures; `distbn plot`, which has nothing
@@ -18,7 +19,7 @@ from pathlib import Path
 from distbn.jsonl import read_jsonl
 
 __all__ = ["NO_MATPLOTLIB", "PlotError", "pyplot", "have_matplotlib", "read_metrics",
-           "plot_run", "bench_figures", "kernel_figure", "study_figure"]
+           "plot_run", "bench_figures", "kernel_figure", "study_figure", "batch_figure"]
 
 #: What every command says when matplotlib is missing.
 NO_MATPLOTLIB = ('plots need matplotlib, which is not installed: pip install matplotlib '
@@ -256,5 +257,49 @@ def study_figure(panels, path, title) -> Path | None:
         ax.grid(alpha=0.3)
         if spec["series"]:
             ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, plt, path, dpi=90)
+
+
+def batch_figure(panels, path, title) -> Path | None:
+    """Panels of a value against the normalization batch size (`distbn compare`).
+
+    Args:
+        panels: [{"title", "ylabel", "series": [(name, x, y, yerr)], "levels":
+            [(name, y, yerr)]}]: series are drawn as points joined by lines with error
+            bars (yerr None: none) over a log2 x axis; levels (the per-sample modes,
+            which have no batch) as horizontal dashed lines with a shaded +- yerr band.
+        path: the PNG to write.
+        title: the figure's title.
+
+    Returns:
+        The path, or None without matplotlib (nothing written).
+    """
+    plt = pyplot()
+    if plt is None:
+        return None
+    names = list(dict.fromkeys([s[0] for p in panels for s in p["series"]]
+                               + [v[0] for p in panels for v in p.get("levels", ())]))
+    colour = {n: _CYCLE[i % len(_CYCLE)] for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, spec in zip(axes.ravel(), panels, strict=True):
+        xs = [x for s in spec["series"] for x in s[1]]
+        for name, x, y, yerr in spec["series"]:
+            ax.errorbar(x, y, yerr=yerr, fmt="o-", color=colour[name], label=name, lw=1.6,
+                        ms=4, capsize=3)
+        for name, y, yerr in spec.get("levels", ()):
+            ax.axhline(y, color=colour[name], ls="--", lw=1.2, label=name)
+            if yerr:
+                ax.axhspan(y - yerr, y + yerr, color=colour[name], alpha=0.12)
+        if xs and min(xs) > 0:
+            ax.set_xscale("log", base=2)
+            ticks = sorted(set(xs))
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.set_title(spec["title"], fontsize=10)
+        ax.set_xlabel("normalization batch size (samples per group)")
+        ax.set_ylabel(spec["ylabel"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, plt, path, dpi=90)
