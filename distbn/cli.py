@@ -161,7 +161,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     world = get_strategy()
     trainer, problem = None, None
     try:
-        trainer = inference.prepare_evaluation(args.run_dir, world, data=args.data)
+        trainer = inference.prepare_evaluation(args.run_dir, world, data=args.data,
+                                               weights=args.weights)
     except _run_errors() as exc:
         problem = str(exc)
     if _agreed_problem(world, problem, "evaluate"):
@@ -175,6 +176,57 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{args.split}: loss {'n/a' if loss is None else f'{loss:.4f}'} accuracy "
                   f"{'n/a' if acc is None else f'{acc:.4f}'} ({record['samples']} samples, "
                   f"{world.num_replicas_in_sync} rank(s))", flush=True)
+    return 0
+
+
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    """PreciseBN of a finished run: model.npz's weights with population BN statistics of
+    the run's first N training batches, written by rank 0 (`distbn.train.precise_bn`)."""
+    import numpy as np
+
+    from distbn.distribute import get_strategy
+    from distbn.train import inference
+    from distbn.train.progress import make_progress
+    from distbn.train.rundir import atomic_write
+
+    world = get_strategy()
+    out = args.out or os.path.join(args.run_dir, inference.PRECISE_FILE)
+    trainer, problem = None, None
+    try:  # everything that can be wrong is found before any collective, on every rank
+        if args.batches < 1:
+            raise inference.RunError(f"--batches must be >= 1, got --batches {args.batches}")
+        inference.load_config_of(args.run_dir)  # a run directory at all, before --out
+        if os.path.lexists(out) and not args.overwrite:
+            raise inference.RunError(f"{out} exists; pass --overwrite to replace it")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise inference.RunError(f"--out {out}: its directory does not exist")
+        trainer = inference.prepare_evaluation(args.run_dir, world)
+    except _run_errors() as exc:
+        problem = str(exc)
+    if _agreed_problem(world, problem, "recalibrate"):
+        from distbn.distribute.launch import finalize_mpi_for_exit
+
+        finalize_mpi_for_exit()
+        return 2
+    progress = make_progress("lines", world.replica_id, args.batches, out=sys.stderr)
+    try:
+        summary = trainer.precise_bn(args.batches, progress)
+    except (ValueError, RuntimeError) as exc:  # raised on every rank together
+        if world.replica_id == 0:
+            print(f"distbn recalibrate: error: {exc}; nothing written", file=sys.stderr,
+                  flush=True)
+        from distbn.distribute.launch import finalize_mpi_for_exit
+
+        finalize_mpi_for_exit()
+        return 1
+    if world.replica_id == 0:
+        weights = trainer.model.get_weight_dict()
+        atomic_write(out, lambda fh: np.savez(fh, **weights))
+        for name, s in summary.items():
+            print(f"{name}: {s['count']} positions per channel, max |change| moving_mean "
+                  f"{s['mean_change']:.4g} moving_variance {s['var_change']:.4g}", flush=True)
+        print(f"wrote {out} ({len(summary)} BN layer(s) recomputed over {args.batches} "
+              f"batches, {world.num_replicas_in_sync} rank(s))", flush=True)
     return 0
 
 
@@ -285,8 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="FILE.npz",
                    help="x_train, y_train, x_test, y_test to use instead of the run's data")
     p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--weights", metavar="FILE.npz",
+                   help="weights to evaluate instead of RUN_DIR/model.npz (e.g. the "
+                        "model.precise.npz of distbn recalibrate)")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "recalibrate", help="PreciseBN: recompute a finished run's BN statistics over N "
+                            "training batches (one process or under mpiexec)",
+        description="Load RUN_DIR's model, recompute every BatchNormalization layer's "
+                    "moving statistics as the population statistics of the run's first N "
+                    "training batches (weights frozen, layers in order, pooled exactly "
+                    "over the ranks; the same result at any rank count) and write the "
+                    "weights to RUN_DIR/model.precise.npz (or --out), atomically. Exit 0 "
+                    "written; 2 bad input, 1 failure: nothing written.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of distbn train")
+    p.add_argument("--batches", type=int, required=True, metavar="N",
+                   help="how many global training batches (train.global_batch_size each)")
+    p.add_argument("--out", metavar="FILE.npz",
+                   help="where to write (default RUN_DIR/model.precise.npz)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_recalibrate)
 
     p = sub.add_parser(
         "predict", help="a finished run's model's outputs for the inputs of an .npz",

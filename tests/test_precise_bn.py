@@ -308,3 +308,102 @@ def test_trainer_option_recomputes_before_the_evaluation_and_keeps_the_result():
     record = plain.evaluate("test")
     assert precise.history[-1]["split"] == "test"
     assert precise.history[-1]["loss"] == pytest.approx(record["loss"], rel=1e-12)
+
+
+# --- distbn recalibrate ------------------------------------------------------------------
+
+RUN_CONFIG = TRAIN.replace("steps: 5", "steps: 4").replace(
+    "  dtype: float64\n", "  dtype: float64\n  synchronized: false\n")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    import io
+
+    from distbn.train import command
+
+    root = tmp_path_factory.mktemp("recalibrate")
+    (root / "cfg.yaml").write_text(RUN_CONFIG)
+    err = io.StringIO()
+    code = command.run(root / "cfg.yaml", run_dir=str(root / "run"),
+                       strategy=distbn.LocalStrategy(), out=io.StringIO(), err=err)
+    assert code == 0, err.getvalue()
+    return root / "run"
+
+
+def _npz(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _cli(args, capsys):
+    from distbn.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_recalibrate_writes_model_precise_npz_and_refuses_to_overwrite(run_dir, capsys):
+    from distbn.train import inference
+
+    code, out, err = _cli(["recalibrate", run_dir, "--batches", 4], capsys)
+    assert code == 0, err
+    target = run_dir / inference.PRECISE_FILE
+    assert f"wrote {target}" in out and "precise_bn: pass 2/2" in err
+    got = _npz(target)
+    # The same as the Python API on the run's model and its first 4 training batches.
+    trainer = inference.prepare_evaluation(run_dir, distbn.LocalStrategy())
+    x = trainer.dataset.x_train
+    from distbn.train.data import BatchSchedule
+
+    schedule = BatchSchedule(len(x), 8, 3)
+    recompute_bn_statistics(trainer.model, [x[schedule.batch_at(k)[2]] for k in range(4)], 4)
+    want = trainer.model.get_weight_dict()
+    assert set(got) == set(want) == set(_npz(run_dir / "model.npz"))
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
+    # An existing output is kept: exit 2 and nothing written.
+    stamp = target.stat().st_mtime_ns
+    code, _, err = _cli(["recalibrate", run_dir, "--batches", 2], capsys)
+    assert code == 2 and "model.precise.npz exists; pass --overwrite" in err
+    assert target.stat().st_mtime_ns == stamp
+    # evaluate --weights evaluates the recalibrated file.
+    code, out, err = _cli(["evaluate", run_dir, "--weights", target, "--json"], capsys)
+    assert code == 0, err
+    import json
+
+    assert json.loads(out)["loss"] == pytest.approx(trainer.evaluate()["loss"], rel=1e-12)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batches", 0], "--batches must be >= 1, got --batches 0"),
+    (["--batches", 2, "--out", "NOWHERE/x.npz"], "--out NOWHERE/x.npz: its directory does "
+                                                 "not exist"),
+])
+def test_recalibrate_bad_input_exits_2_and_writes_nothing(run_dir, capsys, args, message):
+    code, _, err = _cli(["recalibrate", run_dir, *args], capsys)
+    assert code == 2 and message in err, err
+    code, _, err = _cli(["recalibrate", run_dir.parent / "nowhere", "--batches", 1], capsys)
+    assert code == 2 and "is not a run directory" in err
+
+
+def test_recalibrate_at_two_ranks_writes_what_one_process_writes(run_dir, tmp_path, capsys):
+    from mpi_driver import run_mpi
+
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    code, _, err = _cli(["recalibrate", run_dir, "--batches", 5, "--out", one], capsys)
+    assert code == 0, err
+    res = run_mpi(2, ["-m", "distbn", "recalibrate", str(run_dir), "--batches", "5", "--out",
+                      str(two)], timeout=90)
+    assert res.returncode == 0, res.failure_report()
+    got, want = _npz(two), _npz(one)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
+    # Bad input at 2 ranks: both exit 2 together (no hang), one message, nothing written.
+    again = run_mpi(2, ["-m", "distbn", "recalibrate", str(run_dir), "--batches", "1",
+                        "--out", str(two)], timeout=90)
+    assert again.returncode == 2 and again.output.count("exists; pass --overwrite") == 1, \
+        again.failure_report()
+    np.testing.assert_array_equal(_npz(two)["batch_normalization/moving_mean"],
+                                  got["batch_normalization/moving_mean"])

@@ -18,8 +18,12 @@ from distbn.train.config import load_config
 from distbn.train.data import DataError
 from distbn.train.rundir import CONFIG_FILE, MODEL_FILE
 
-__all__ = ["RunError", "load_config_of", "load_model", "predict_sharded", "prepare_evaluation",
-           "prepare_inputs", "read_inputs", "sample_shape"]
+__all__ = ["PRECISE_FILE", "RunError", "load_config_of", "load_model", "predict_sharded",
+           "prepare_evaluation", "prepare_inputs", "read_inputs", "sample_shape"]
+
+#: What `distbn recalibrate` writes beside model.npz: the same weights with PreciseBN
+#: moving statistics.
+PRECISE_FILE = "model.precise.npz"
 
 
 class RunError(ValueError):
@@ -82,14 +86,22 @@ def load_model(run_dir):
     return model
 
 
-def _final_weights(run_dir) -> dict:
-    """model.npz's arrays."""
-    path = os.path.join(os.fspath(run_dir), MODEL_FILE)
-    if not os.path.isfile(path):
-        raise RunError(f"{run_dir!s} has no {MODEL_FILE}: the run has not finished (its "
-                       "checkpoints resume with `distbn train ... --run-dir`)")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def _final_weights(run_dir, weights=None) -> dict:
+    """model.npz's arrays, or those of the `weights` file (e.g. model.precise.npz)."""
+    if weights is not None:
+        path = os.fspath(weights)
+        if not os.path.isfile(path):
+            raise RunError(f"weights file {path!r} does not exist")
+    else:
+        path = os.path.join(os.fspath(run_dir), MODEL_FILE)
+        if not os.path.isfile(path):
+            raise RunError(f"{run_dir!s} has no {MODEL_FILE}: the run has not finished (its "
+                           "checkpoints resume with `distbn train ... --run-dir`)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise RunError(f"{path}: cannot read as .npz: {exc}") from exc
 
 
 def read_inputs(path, key="x"):
@@ -107,14 +119,17 @@ def read_inputs(path, key="x"):
         raise RunError(f"{path}: cannot read as .npz: {exc}") from exc
 
 
-def prepare_evaluation(run_dir, strategy, data=None):
-    """A `Trainer` holding a run's final model, for `evaluate` (local work only).
+def prepare_evaluation(run_dir, strategy, data=None, weights=None):
+    """A `Trainer` holding a run's final model, for `evaluate` and `recalibrate` (local
+    work only).
 
     Args:
         run_dir: the run directory.
         strategy: the world strategy; `evaluate` shards the split over its replicas.
         data: an .npz with x_train, y_train, x_test, y_test to use instead of the run's
             data (samples of the run's shape).
+        weights: a weights .npz to use instead of RUN_DIR/model.npz (the same keys, e.g.
+            `distbn recalibrate`'s model.precise.npz).
 
     Returns:
         The trainer; `trainer.evaluate(split)` (collective) gives loss and accuracy.
@@ -128,13 +143,13 @@ def prepare_evaluation(run_dir, strategy, data=None):
         overrides = ["data.name=npz", f"data.path={os.path.abspath(os.fspath(data))}",
                      "data.n_train=null", "data.n_test=null"]
     config = load_config_of(run_dir, overrides)
-    weights = _final_weights(run_dir)
+    values = _final_weights(run_dir, weights)
     trainer = Trainer(config, strategy, out=io.StringIO())
     try:
-        trainer.model.set_weight_dict(weights)
+        trainer.model.set_weight_dict(values)
     except ValueError as exc:
-        raise RunError(f"{run_dir}/{MODEL_FILE} does not fit the model for these data: "
-                       f"{exc}") from exc
+        source = f"{run_dir}/{MODEL_FILE}" if weights is None else os.fspath(weights)
+        raise RunError(f"{source} does not fit the model for these data: {exc}") from exc
     return trainer
 
 

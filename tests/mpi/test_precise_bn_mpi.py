@@ -86,7 +86,7 @@ def test_n_ranks_equal_one_process_and_agree_bitwise(strategy):
 
 @pytest.mark.mpi
 def test_an_empty_rank_over_every_batch_still_pools(strategy):
-    rank, world = strategy.replica_id, strategy.num_replicas_in_sync
+    rank = strategy.replica_id
     batches = _global_batches()
     mine = batches if rank == 0 else [b[:0] for b in batches]  # rank 0 holds everything
     model = _model(strategy)
