@@ -1,4 +1,4 @@
-"""Conv2D and Conv1D (Keras 3 arguments): im2col forward, per-kernel-position backward.
+"""Conv2D and Conv1D (Keras 3 arguments) over the kernels in `distbn.ops.conv`.
 
 Conv1D runs on Conv2D's kernels over a height-1 axis (one per group).
 """
@@ -6,18 +6,14 @@ Conv1D runs on Conv2D's kernels over a height-1 axis (one per group).
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from distbn.layers import _common, activations
 from distbn.layers.base import Layer
 from distbn.layers.core import _no_activity_regularizer
+from distbn.ops import conv as conv_ops
+from distbn.ops.conv import window_slice
 
-__all__ = ["Conv2D", "Conv1D"]
-
-
-def window_slice(offset: int, stride: int, out: int) -> slice:
-    """The input positions kernel tap `offset` touches for `out` outputs at `stride`."""
-    return slice(offset, offset + stride * (out - 1) + 1, stride)
+__all__ = ["Conv2D", "Conv1D", "window_slice"]
 
 
 class Conv2D(Layer):
@@ -105,7 +101,7 @@ class Conv2D(Layer):
         )
 
     def call(self, x, training=None, mask=None):
-        """Forward pass: pad, im2col (sliding_window_view), one matmul."""
+        """Forward pass: im2col and one GEMM (`distbn.ops.conv`), bias, activation."""
         x = _common.cast(x, self.compute_dtype)
         cin = self.kernel.shape[2]
         if x.ndim != 4 or x.shape[self._channel_axis()] != cin:
@@ -123,51 +119,37 @@ class Conv2D(Layer):
             )
         pads = _common.pad_amounts((h, w), self.kernel_size, self.strides,
                                    self.dilation_rate, self.padding)
-        xp = np.pad(xl, [(0, 0), *pads, (0, 0)]) if any(sum(p) for p in pads) else xl
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
-        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
-        win = win[:, ::sh, ::sw, :, ::dh, ::dw][:, :ho, :wo]  # (n, ho, wo, cin, kh, kw)
-        # Copy into the im2col matrix with channels innermost: contiguous runs to copy,
-        # and rows ordered (kh, kw, cin) like the Keras kernel, so no kernel transpose.
-        cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * cin)
         kernel = _common.cast(self.kernel.value, self.compute_dtype)
-        wmat = kernel.reshape(kh * kw * cin, self.filters)
-        z = (cols @ wmat).reshape(n, ho, wo, self.filters)
+        z, conv_cache = conv_ops.conv2d_forward(xl, kernel, self.strides,
+                                                self.dilation_rate, pads, (ho, wo))
         if self.use_bias:
             z += _common.cast(self.bias.value, self.compute_dtype)
         y = self.activation(z)
-        self._cache = (cols, xp.shape, pads, (h, w), z, y)
+        self._cache = (conv_cache, z, y)
         self.losses = self.regularization_losses()
         return _common.from_channels_last(y, self.data_format)
 
     def backward(self, dy):
-        """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients).
-
-        The input gradient scatters one matmul per kernel tap (kh*kw of them) into
-        strided views of the padded input; a tap never hits one element twice.
-        """
+        """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients)."""
         if self._cache is None:
             raise RuntimeError(f"Conv2D {self.name!r}: backward called before a forward call")
-        cols, padded_shape, pads, (h, w), z, y = self._cache
+        conv_cache, z, y = self._cache
         dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
         dz = self.activation.backward(dy, z, y)
-        n, ho, wo, f = dz.shape
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
-        cin = self.kernel.shape[2]
-        dz2 = dz.reshape(-1, f)
-        self.kernel.grad = (cols.T @ dz2).reshape(kh, kw, cin, f).astype(self.kernel.dtype)
-        if self.use_bias:
-            self.bias.grad = dz2.sum(axis=0).astype(self.bias.dtype)
-        self.add_regularization_grads()
         kernel = _common.cast(self.kernel.value, self.compute_dtype)
-        dxp = np.zeros(padded_shape, dtype=dz.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                dxp[:, window_slice(i * dh, sh, ho), window_slice(j * dw, sw, wo), :] += (
-                    dz @ kernel[i, j].T)
-        (pt, _), (pl, _) = pads
-        dx = dxp[:, pt:pt + h, pl:pl + w, :]
-        return _common.from_channels_last(np.ascontiguousarray(dx), self.data_format)
+        n, h, w, c = conv_cache[0].shape
+        if self.data_format == "channels_first":
+            # The gradient is written in NCHW through a channels-last view: no copy after.
+            dx = np.empty((n, c, h, w), dtype=dz.dtype)
+            _, dkernel = conv_ops.conv2d_backward(dz, conv_cache, kernel,
+                                                  dx_out=np.moveaxis(dx, 1, -1))
+        else:
+            dx, dkernel = conv_ops.conv2d_backward(dz, conv_cache, kernel)
+        self.kernel.grad = dkernel.astype(self.kernel.dtype)
+        if self.use_bias:
+            self.bias.grad = dz.reshape(-1, self.filters).sum(axis=0).astype(self.bias.dtype)
+        self.add_regularization_grads()
+        return dx
 
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
