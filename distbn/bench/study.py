@@ -192,7 +192,10 @@ def read_study_section(path) -> tuple:
                 raise StudyError(f"{line}: unknown key 'study.{k.value}' (known keys: "
                                  f"{', '.join(_STUDY_KEYS)})")
             where[k.value] = line
-        end = node.end_mark.line + (1 if node.end_mark.column else 0)
+        # The section's last value ends it (the mapping's own end mark runs on over any
+        # comments that follow, up to the next key).
+        last = node.value[-1][1].end_mark if node.value else node.end_mark
+        end = last.line + (1 if last.column else 0)
         lines = text.splitlines(keepends=True)
         for i in range(key.start_mark.line, min(end, len(lines))):
             lines[i] = "\n"
