@@ -23,7 +23,8 @@ from distbn.bench.context import Context
 from distbn.bench.environment import environment, load_average
 from distbn.bench.results import merge_results, read_results, write_results
 
-__all__ = ["SUITES", "ONE_PROCESS", "parse_suites", "parse_ranks", "default_ranks", "default_out_dir",
+__all__ = ["SUITES", "ONE_PROCESS", "parse_suites", "parse_ranks", "default_ranks",
+           "default_out_dir",
            "measure", "launch_all", "finish", "note_missing_plots"]
 
 #: Suite name -> module with `run(ctx)`, in the order they run.

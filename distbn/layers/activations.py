@@ -1,7 +1,10 @@
 """Element-wise activations by Keras name, each with its backward.
 
-`get("relu")` returns an `ActivationFn` whose `__call__(x)` gives y and whose
-`backward(dy, x, y)` gives dL/dx; layers keep x and y from the forward pass.
+`get("relu")` returns an `ActivationFn`. The one-pass form: `y, saved = fn.forward(x)`
+then `fn.backward_from(dy, saved)`, where `saved` is what backward needs and no more (a
+uint8 mask for the ReLU family; y or x for the others; see `distbn.ops.activation`,
+whose kernels do the work). The older form `fn(x) -> y`, `fn.backward(dy, x, y)` stays
+for layers that keep x and y anyway.
 """
 
 from __future__ import annotations
@@ -10,78 +13,44 @@ import difflib
 
 import numpy as np
 
+from distbn.ops import activation as _ops
+
 __all__ = ["ActivationFn", "get", "serialize", "names"]
 
-# SELU constants (Klambauer et al. 2017), as Keras uses them.
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
-_LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu default negative_slope
-
-
-def _sigmoid(x):
-    # tanh form: no overflow warning for large |x|, exact symmetry.
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-def _softmax(x):
-    z = x - np.max(x, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
-
-
-def _log_softmax(x):
-    z = x - np.max(x, axis=-1, keepdims=True)
-    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
-
-
-def _elu(x):
-    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
-
-
-def _silu_backward(dy, x, y):
-    s = _sigmoid(x)
-    return dy * s * (1 + x * (1 - s))
-
-
-def _relu_fwd(x):
-    return np.maximum(x, 0)
-
-
-_TABLE = {
-    "linear": (lambda x: x, lambda dy, x, y: dy),
-    "relu": (_relu_fwd, lambda dy, x, y: dy * (x > 0)),
-    "relu6": (lambda x: np.clip(x, 0, 6), lambda dy, x, y: dy * ((x > 0) & (x < 6))),
-    "leaky_relu": (lambda x: np.where(x > 0, x, _LEAKY_SLOPE * x),
-                   lambda dy, x, y: dy * np.where(x > 0, 1.0, _LEAKY_SLOPE).astype(dy.dtype)),
-    "sigmoid": (_sigmoid, lambda dy, x, y: dy * y * (1 - y)),
-    "tanh": (np.tanh, lambda dy, x, y: dy * (1 - y * y)),
-    "softmax": (_softmax, lambda dy, x, y: y * (dy - np.sum(dy * y, axis=-1, keepdims=True))),
-    "log_softmax": (_log_softmax,
-                    lambda dy, x, y: dy - np.exp(y) * np.sum(dy, axis=-1, keepdims=True)),
-    "softplus": (lambda x: np.logaddexp(0, x), lambda dy, x, y: dy * _sigmoid(x)),
-    "softsign": (lambda x: x / (1 + np.abs(x)), lambda dy, x, y: dy / (1 + np.abs(x)) ** 2),
-    "silu": (lambda x: x * _sigmoid(x), _silu_backward),
-    "elu": (_elu, lambda dy, x, y: dy * np.where(x > 0, 1, y + 1)),
-    "selu": (lambda x: _SELU_SCALE * np.where(x > 0, x, _SELU_ALPHA * np.expm1(np.minimum(x, 0))),
-             lambda dy, x, y: dy * np.where(x > 0, _SELU_SCALE, y + _SELU_SCALE * _SELU_ALPHA)),
-    "exponential": (np.exp, lambda dy, x, y: dy * y),
-}
 _ALIASES = {"swish": "silu", None: "linear"}
 
 
 class ActivationFn:
-    """A named activation: `fn(x) -> y`, `fn.backward(dy, x, y) -> dx`."""
+    """A named activation: `forward(x) -> (y, saved)`, `backward_from(dy, saved) -> dx`;
+    also `fn(x) -> y` and `backward(dy, x, y) -> dx`."""
 
     def __init__(self, name: str):
+        if name not in _ops.NAMES:
+            raise ValueError(f"unknown activation {name!r}")
         self.name = name
-        self._forward, self._backward = _TABLE[name]
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, object]:
+        """(y, what `backward_from` needs), in one pass over x."""
+        return _ops.forward(self.name, x)
+
+    def backward_from(self, dy: np.ndarray, saved) -> np.ndarray:
+        """dL/dx from dL/dy and `forward`'s saved value, in one pass."""
+        return _ops.backward(self.name, dy, saved)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._forward(x)).astype(x.dtype, copy=False)
+        return self.forward(x)[0]
 
     def backward(self, dy: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """dL/dx from dL/dy, the forward input x and output y."""
-        return np.asarray(self._backward(dy, x, y)).astype(dy.dtype, copy=False)
+        return _ops.backward(self.name, dy, self._saved(x, y))
+
+    def _saved(self, x, y):
+        """`forward`'s saved value from x and y (the ReLU family's mask: one pass)."""
+        if self.name == "linear":
+            return None
+        if self.name in ("relu", "relu6", "leaky_relu"):
+            return _ops.forward(self.name, x)[1]
+        return x if self.name in ("softplus", "softsign", "silu") else y
 
     def __repr__(self) -> str:
         return f"<activation {self.name}>"
@@ -89,7 +58,7 @@ class ActivationFn:
 
 def names() -> list[str]:
     """Every accepted activation name (aliases included)."""
-    return sorted(list(_TABLE) + [a for a in _ALIASES if a is not None])
+    return sorted(list(_ops.NAMES) + [a for a in _ALIASES if a is not None])
 
 
 def get(identifier) -> ActivationFn:
@@ -109,7 +78,7 @@ def get(identifier) -> ActivationFn:
         return identifier
     if identifier is None or isinstance(identifier, str):
         name = _ALIASES.get(identifier, identifier)
-        if name in _TABLE:
+        if name in _ops.NAMES:
             return ActivationFn(name)
         close = difflib.get_close_matches(str(identifier), names(), n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

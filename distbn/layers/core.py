@@ -9,6 +9,7 @@ import numpy as np
 from distbn import random as _random
 from distbn.layers import _common, activations
 from distbn.layers.base import Layer
+from distbn.ops import activation as activation_ops
 
 __all__ = ["Dense", "Flatten", "Activation", "ReLU", "Dropout", "dropout_bits",
            "check_sample_ids"]
@@ -217,24 +218,20 @@ class ReLU(Layer):
         self.max_value = _non_negative(max_value, "max_value", allow_none=True)
         self.negative_slope = _non_negative(negative_slope, "negative_slope")
         self.threshold = _non_negative(threshold, "threshold")
-        self._slope = None
+        self._mask = None
 
     def call(self, x, training=None, mask=None):
-        """Forward pass; keeps the local slope for `backward`."""
+        """Forward pass in one pass over x; keeps a uint8 mask (not a slope array) for
+        `backward` (`distbn.ops.activation.relu_forward`)."""
         x = _common.cast(x, self.compute_dtype)
-        below = x < self.threshold
-        slope = np.where(below, self.negative_slope, 1.0).astype(x.dtype)
-        y = np.where(below, self.negative_slope * (x - self.threshold), x).astype(x.dtype)
-        if self.max_value is not None:
-            above = x >= self.max_value
-            y = np.where(above, x.dtype.type(self.max_value), y)
-            slope[above] = 0
-        self._slope = slope
+        y, self._mask = activation_ops.relu_forward(x, self.negative_slope, self.threshold,
+                                                    self.max_value)
         return y
 
     def backward(self, dy):
         """Input gradient (one-sided at the kinks: 0 at max_value, 1 at the threshold)."""
-        return _common.cast(dy, self.compute_dtype) * self._slope
+        return activation_ops.relu_backward(_common.cast(dy, self.compute_dtype), self._mask,
+                                            self.negative_slope)
 
     def get_config(self) -> dict:
         config = super().get_config()
