@@ -261,6 +261,28 @@ def test_check_modes_errors(mode, ranks, batch, message):
     assert message in str(err.value)
 
 
+def test_ghost_batches_need_full_batches():
+    ghost = study_modes.parse_modes("ghost:32")
+    study_modes.check_modes(ghost, 2, 128, last_batch=64)  # shards of 32
+    with pytest.raises(study_modes.StudyError, match="each epoch ends with a batch of 32 "
+                                                     "samples .* set train.drop_last=true"):
+        study_modes.check_modes(ghost, 2, 128, last_batch=32)
+
+
+def test_the_rethinking_bn_config_is_packaged_and_valid():
+    from distbn.configs import packaged_config
+
+    path = packaged_config("rethinking-bn")
+    assert (ROOT_CONFIG.parent / "rethinking-bn.yaml").resolve() == path.resolve()
+    _, section, _ = study.read_study_section(path)
+    modes = study_modes.parse_modes(section["modes"])
+    config = study.mode_config(path, mode=modes[0])
+    gb, n = config.train.global_batch_size, config.data.n_train
+    study_modes.check_modes(modes, 2, gb, last_batch=n % gb)
+    assert [study_modes.normalization_batch(m, 2, gb)[1] for m in modes] == [
+        "2", "8", "16", "32", "64", "128", "per-sample"]
+
+
 def test_mode_configs_replace_or_reconfigure_every_bn_layer(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(ROOT_CONFIG.read_text().replace(

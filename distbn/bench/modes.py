@@ -143,7 +143,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_modes(modes, ranks: int, global_batch: int, has_masks: bool = False,
-                where: str = "--modes") -> None:
+                where: str = "--modes", last_batch: int = 0) -> None:
     """Check that every mode can run at `ranks` ranks and this global batch.
 
     Args:
@@ -152,6 +152,7 @@ def check_modes(modes, ranks: int, global_batch: int, has_masks: bool = False,
         global_batch: `train.global_batch_size`.
         has_masks: the data carry masks (ghost batches refuse them in training).
         where: what to name in errors.
+        last_batch: the size of each epoch's short final batch (0: none).
 
     Raises:
         StudyError: quoting the mode and the valid values.
@@ -174,6 +175,13 @@ def check_modes(modes, ranks: int, global_batch: int, has_masks: bool = False,
                     f"{where}: mode {m.label!r}: S={m.size} must divide the per-replica "
                     f"batch {per} (global batch {global_batch} over {ranks} ranks); valid: "
                     f"{valid}")
+            if last_batch and (last_batch // ranks) % m.size or last_batch % ranks:
+                raise StudyError(
+                    f"{where}: mode {m.label!r}: each epoch ends with a batch of "
+                    f"{last_batch} samples (data.n_train is not a multiple of "
+                    f"train.global_batch_size {global_batch}), whose shards ghost batches "
+                    f"of {m.size} cannot divide; set train.drop_last=true or make "
+                    f"data.n_train a multiple of {global_batch}")
             if has_masks:
                 raise StudyError(f"{where}: mode {m.label!r}: the data carry masks, which "
                                  "ghost batches cannot use in training")

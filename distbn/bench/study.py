@@ -912,8 +912,9 @@ def _check_args(args, size) -> _Plan:
     # The model must build: a shape error should end the command here, not in the ranks.
     dataset = builder.load_dataset(reference[seeds[0]])
     builder.total_steps(base, len(dataset.y_train))
+    n_train = len(dataset.y_train)
     check_modes(modes, ranks, gb, getattr(dataset, "mask_train", None) is not None,
-                where=modes_at)
+                where=modes_at, last_batch=0 if base.train.drop_last else n_train % gb)
     channels = _bn_channels(base, dataset)
     if not channels:
         types = sorted({spec.type for spec in base.model.layers})

@@ -1,9 +1,11 @@
 """The YAML configs distbn's commands default to, shipped inside the package.
 
 `distbn bench` (scaling suite) trains `quickstart.yaml`; `distbn compare` without CONFIG
-studies `study.yaml`. They are package data, so a plain `pip install .` has them too;
-the clone's top-level `configs/quickstart.yaml` and `configs/study.yaml` are links to
-these files (one copy).
+studies `study.yaml`; `rethinking-bn.yaml` is the normalization-batch study
+(`distbn compare configs/rethinking-bn.yaml`). They are package data, so a plain
+`pip install .` has them too; the clone's top-level `configs/quickstart.yaml`,
+`configs/study.yaml` and `configs/rethinking-bn.yaml` are links to these files (one
+copy).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 __all__ = ["NAMES", "packaged_config"]
 
 #: The shipped configs, by file name.
-NAMES = ("quickstart.yaml", "study.yaml")
+NAMES = ("quickstart.yaml", "study.yaml", "rethinking-bn.yaml")
 
 
 def packaged_config(name: str) -> Path:
