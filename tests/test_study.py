@@ -343,7 +343,8 @@ def test_mode_and_seed_usage_errors_before_any_training(tmp_path, capsys):
              ([str(ROOT_CONFIG), "--precise-bn-samples", "-1"], "got -1"),
              ([str(cfg)], f"{cfg}:2: study.modes: unknown mode 'bogus'")]
     for argv, message in cases:
-        assert main(["compare", *argv, "--out", str(tmp_path / "o")]) == 2
+        assert main(["compare", *argv, "--out", str(tmp_path / "o"),
+                     "--set", "data.n_train=256", "--set", "data.n_test=8"]) == 2
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "o").exists()
 
