@@ -39,6 +39,41 @@ def test_dense_gradients(activation):
     check_layer_grads(layer, RNG.standard_normal((5, 3)))
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "linear"])
+def test_dense_fused_activation_matches_unfused(backend_name, activation):
+    """Bias add and activation on the GEMM output in one pass each: the same values as
+    the composition written out, and for ReLU only a uint8 mask is kept for backward."""
+    import importlib.util
+
+    from distbn.ops import backend
+
+    if backend_name == "numba" and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    saved_state = dict(backend._state)
+    try:
+        backend.set_backend(backend_name)
+        layer = L.Dense(6, activation=activation, bias_initializer="glorot_uniform")
+        x = RNG.standard_normal((7, 2, 5)).astype(np.float32)
+        y = layer(x, training=True)
+        z = x @ layer.kernel.value + layer.bias.value
+        ref = activations.get(activation)
+        np.testing.assert_allclose(y, ref(z), rtol=2e-7, atol=1e-7)
+        if activation == "relu":
+            np.testing.assert_array_equal(y, np.maximum(z, 0))
+            kept = layer._cache[1]
+            assert kept.dtype == np.uint8 and kept.shape == y.shape
+        dy = RNG.standard_normal(y.shape).astype(np.float32)
+        dx = layer.backward(dy)
+        dz = ref.backward(dy, z, ref(z))
+        np.testing.assert_allclose(dx, dz @ layer.kernel.value.T, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.bias.grad, dz.reshape(-1, 6).sum(0), rtol=1e-5,
+                                   atol=1e-6)
+        assert y.dtype == dx.dtype == np.float32
+    finally:
+        backend._state.update(saved_state)
+
+
 def test_dense_nd_input_and_regularizers():
     layer = L.Dense(3, dtype="float64", kernel_regularizer="l2", bias_regularizer="l1",
                     bias_initializer="ones")

@@ -123,9 +123,10 @@ class Conv2D(Layer):
         z, conv_cache = conv_ops.conv2d_forward(xl, kernel, self.strides,
                                                 self.dilation_rate, pads, (ho, wo))
         if self.use_bias:
-            z += _common.cast(self.bias.value, self.compute_dtype)
-        y = self.activation(z)
-        self._cache = (conv_cache, z, y)
+            z += _common.cast(self.bias.value, self.compute_dtype)  # in place: no copy
+        # One pass (`distbn.ops.activation`); backward keeps its saved value, not z and y.
+        y, saved = self.activation.forward(z)
+        self._cache = (conv_cache, saved)
         self.losses = self.regularization_losses()
         return _common.from_channels_last(y, self.data_format)
 
@@ -133,9 +134,9 @@ class Conv2D(Layer):
         """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients)."""
         if self._cache is None:
             raise RuntimeError(f"Conv2D {self.name!r}: backward called before a forward call")
-        conv_cache, z, y = self._cache
+        conv_cache, saved = self._cache
         dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
-        dz = self.activation.backward(dy, z, y)
+        dz = self.activation.backward_from(dy, saved)
         kernel = _common.cast(self.kernel.value, self.compute_dtype)
         n, h, w, c = conv_cache[0].shape
         if self.data_format == "channels_first":
@@ -327,8 +328,8 @@ class Conv1D(Layer):
         z = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
         if self.use_bias:
             z += _common.cast(self.bias.value, self.compute_dtype)
-        y = self.activation(z)
-        self._cache = (xl.shape, left, z, y)
+        y, saved = self.activation.forward(z)
+        self._cache = (xl.shape, left, saved)
         self.losses = self.regularization_losses()
         return _common.from_channels_last(y, self.data_format)
 
@@ -336,9 +337,9 @@ class Conv1D(Layer):
         """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients)."""
         if self._cache is None:
             raise RuntimeError(f"Conv1D {self.name!r}: backward called before a forward call")
-        padded_shape, left, z, y = self._cache
+        padded_shape, left, saved = self._cache
         dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
-        dz = self.activation.backward(dy, z, y)
+        dz = self.activation.backward_from(dy, saved)
         fg = self.filters // self.groups
         dxs, dks = [], []
         for g, conv in enumerate(self._convs):

@@ -77,7 +77,8 @@ class Dense(Layer):
         super().build(input_shape)
 
     def call(self, x, training=None, mask=None):
-        """Forward pass; keeps x and the outputs for `backward`."""
+        """Forward pass: one GEMM, the bias added in place, the activation in one pass;
+        keeps x and the activation's saved value for `backward`."""
         x = _common.cast(x, self.compute_dtype)
         if x.ndim < 2 or x.shape[-1] != self.kernel.shape[0]:
             raise ValueError(
@@ -86,9 +87,11 @@ class Dense(Layer):
             )
         z = x @ _common.cast(self.kernel.value, self.compute_dtype)
         if self.use_bias:
-            z += _common.cast(self.bias.value, self.compute_dtype)
-        y = self.activation(z)
-        self._cache = (x, z, y)
+            z += _common.cast(self.bias.value, self.compute_dtype)  # in place: no copy
+        # One pass over z (`distbn.ops.activation`); backward keeps only what it needs
+        # (a uint8 mask for the ReLU family, nothing for linear), not z and y.
+        y, saved = self.activation.forward(z)
+        self._cache = (x, saved)
         self.losses = self.regularization_losses()
         return y
 
@@ -96,9 +99,9 @@ class Dense(Layer):
         """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients)."""
         if self._cache is None:
             raise RuntimeError(f"Dense {self.name!r}: backward called before a forward call")
-        x, z, y = self._cache
+        x, saved = self._cache
         dy = _common.cast(dy, self.compute_dtype)
-        dz = self.activation.backward(dy, z, y)
+        dz = self.activation.backward_from(dy, saved)
         dz2 = dz.reshape(-1, self.units)
         self.kernel.grad = (x.reshape(-1, x.shape[-1]).T @ dz2).astype(self.kernel.dtype)
         if self.use_bias:
@@ -176,16 +179,15 @@ class Activation(Layer):
         self._cache = None
 
     def call(self, x, training=None, mask=None):
-        """Forward pass."""
+        """Forward pass in one pass over x; keeps only what backward needs."""
         x = _common.cast(x, self.compute_dtype)
-        y = self.activation(x)
-        self._cache = (x, y)
+        y, self._cache = self.activation.forward(x)
         return y
 
     def backward(self, dy):
         """Input gradient."""
-        x, y = self._cache
-        return self.activation.backward(_common.cast(dy, self.compute_dtype), x, y)
+        return self.activation.backward_from(_common.cast(dy, self.compute_dtype),
+                                             self._cache)
 
     def get_config(self) -> dict:
         config = super().get_config()
