@@ -133,6 +133,9 @@ def test_kept_and_recomputed_im2col_agree(restore_backend):
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
     assert C.keep_im2col((3, 3, 3, 16)) and not C.keep_im2col((3, 3, 16, 32))
+    dx, dk = C.conv2d_backward(dz, cache, kernel, input_grad=False)
+    assert dx is None
+    np.testing.assert_array_equal(dk, results[0][2])
 
 
 def check_layer_grads(layer, x):

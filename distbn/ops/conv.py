@@ -184,7 +184,7 @@ def conv2d_forward(x, kernel, strides, dilation, pads, out_hw, keep_cols=None):
                                                        cols if keep_cols else None)
 
 
-def conv2d_backward(dz, cache, kernel, dx_out=None):
+def conv2d_backward(dz, cache, kernel, dx_out=None, input_grad=True):
     """Gradients of `conv2d_forward` for dL/dz.
 
     Args:
@@ -193,10 +193,13 @@ def conv2d_backward(dz, cache, kernel, dx_out=None):
         kernel: the forward's (kh, kw, c, f) kernel.
         dx_out: optional (n, h, w, c) array (any strides, e.g. a channels-last view of a
             channels-first array) that receives the input gradient.
+        input_grad: False skips the input gradient (dx is None): a model's first layer
+            needs only its kernel's, and at the quickstart's first layer (3 input
+            channels) the input gradient is most of the backward's time.
 
     Returns:
-        (dx, dkernel): dx is (n, h, w, c) (`dx_out` when given), dkernel (kh, kw, c, f),
-        both of dz's dtype.
+        (dx, dkernel): dx is (n, h, w, c) (`dx_out` when given) or None, dkernel
+        (kh, kw, c, f), both of dz's dtype.
     """
     x, geo, pads, cols = cache
     kh, kw, cin, f = kernel.shape
@@ -206,6 +209,8 @@ def conv2d_backward(dz, cache, kernel, dx_out=None):
         cols = _im2col(x, geo, pads)
     dkernel = (cols.T @ dz2).reshape(kh, kw, cin, f)
     del cols  # its memory serves the next array of its size
+    if not input_grad:
+        return None, dkernel
     if _use_numba(dz, x):
         dx = col2im(dz2 @ wmat.T, x.shape, (kh, kw), (geo.sh, geo.sw), (geo.dh, geo.dw),
                     pads, (geo.ho, geo.wo), out=dx_out)
