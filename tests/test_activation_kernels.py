@@ -14,7 +14,6 @@ from distbn.ops import backend
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="numba is not installed")
-UNARY = [n for n in A.NAMES if n not in ("linear", "relu", "relu6", "leaky_relu")]
 
 
 @pytest.fixture
@@ -64,9 +63,8 @@ def test_relu_kernels_equal_the_reference_bitwise(dtype, params, restore_backend
 
 @needs_numba
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_unary_kernels_agree_with_the_reference_to_rounding(dtype, restore_backend):
+def test_every_activation_equals_the_reference_on_the_numba_backend(dtype, restore_backend):
     x, dy = _inputs(dtype)
-    eps = np.finfo(dtype).eps
     with np.errstate(all="ignore"):
         for name in A.NAMES:
             def run(name=name):
@@ -75,15 +73,9 @@ def test_unary_kernels_agree_with_the_reference_to_rounding(dtype, restore_backe
 
             (y0, d0), (y1, d1) = _both(run)
             assert y1.dtype == d1.dtype == dtype, name
-            for a, b, scale in ((y0, y1, np.abs(y0)),
-                                (d0, d1, np.maximum(np.abs(dy), np.abs(d0)))):
-                np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
-                ok = ~np.isnan(a)
-                np.testing.assert_array_equal(a[np.isinf(a)], b[np.isinf(a)], err_msg=name)
-                fin = ok & ~np.isinf(a)
-                # A few ulps of libm's vs numpy's transcendentals, on the reference's scale.
-                err = np.abs(a[fin] - b[fin]) / (eps * np.maximum(1.0, scale[fin]))
-                assert err.max(initial=0) <= 8, (name, err.max())
+            # The kernels do the reference's operations in its order and dtype.
+            np.testing.assert_array_equal(y1, y0, err_msg=name)
+            np.testing.assert_array_equal(d1, d0, err_msg=name)
 
 
 @pytest.mark.parametrize("kernels", ["numpy", pytest.param("numba", marks=needs_numba)])

@@ -1,14 +1,17 @@
 """Pooling layers: MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D,
-GlobalAveragePooling1D."""
+GlobalAveragePooling1D.
+
+The 2-D layers work out shapes and pads (Keras' rules) and move channels_first inputs
+to channels_last; the maths is `distbn.ops.pooling` (numpy reference or numba kernels,
+by `DISTBN_KERNELS`)."""
 
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from distbn.layers import _common
 from distbn.layers.base import Layer
-from distbn.layers.conv import window_slice
+from distbn.ops import pooling as pool_ops
 
 __all__ = ["MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
            "GlobalAveragePooling1D"]
@@ -31,15 +34,15 @@ class _Pooling2D(Layer):
         return tuple(_common.conv_output_length(n, k, self.padding, s)
                      for n, k, s in zip((h, w), self.pool_size, self.strides, strict=True))
 
-    def _windows(self, x, fill):
-        """(channels_last x, padded x, pads, (ho, wo), window view (n, ho, wo, c, ph, pw))."""
+    def _prepare(self, x):
+        """(channels_last x, pads, (ho, wo)), with the input checked."""
         x = _common.cast(x, self.compute_dtype)
         if x.ndim != 4:
             raise ValueError(
                 f"{type(self).__name__} {self.name!r} expects a 4-D {self.data_format} "
                 f"input, got shape {x.shape}"
             )
-        xl = _common.to_channels_last(x, self.data_format)
+        xl = np.ascontiguousarray(_common.to_channels_last(x, self.data_format))
         h, w = xl.shape[1:3]
         ho, wo = self._out_hw(h, w)
         if ho < 1 or wo < 1:
@@ -48,24 +51,14 @@ class _Pooling2D(Layer):
                 f"smaller than pool_size={self.pool_size} with padding={self.padding!r}"
             )
         pads = _common.pad_amounts((h, w), self.pool_size, self.strides, (1, 1), self.padding)
-        xp = (np.pad(xl, [(0, 0), *pads, (0, 0)], constant_values=fill)
-              if any(sum(p) for p in pads) else xl)
-        (sh, sw) = self.strides
-        win = sliding_window_view(xp, self.pool_size, axis=(1, 2))[:, ::sh, ::sw][:, :ho, :wo]
-        return xl, xp, pads, (ho, wo), win
+        return xl, pads, (ho, wo)
 
-    def _scatter(self, per_tap, padded_shape, pads, hw, dtype):
-        """Sum per-tap gradients (n, ho, wo, c) into the input: one strided add per tap."""
-        ph, pw = self.pool_size
-        sh, sw = self.strides
-        dxp = np.zeros(padded_shape, dtype=dtype)
-        for i in range(ph):
-            for j in range(pw):
-                g = per_tap(i, j)
-                dxp[:, window_slice(i, sh, g.shape[1]), window_slice(j, sw, g.shape[2]), :] += g
-        (pt, _), (pl, _) = pads
-        dx = dxp[:, pt:pt + hw[0], pl:pl + hw[1], :]
-        return _common.from_channels_last(np.ascontiguousarray(dx), self.data_format)
+    def _grad_in(self, dy):
+        return np.ascontiguousarray(
+            _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format))
+
+    def _grad_out(self, dx):
+        return _common.from_channels_last(dx, self.data_format)
 
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -97,22 +90,17 @@ class MaxPooling2D(_Pooling2D):
     """
 
     def call(self, x, training=None, mask=None):
-        """Forward pass; keeps the argmax of each window for `backward`."""
-        xl, xp, pads, (ho, wo), win = self._windows(x, -np.inf)
-        n, c = xl.shape[0], xl.shape[3]
-        flat = win.reshape(n, ho, wo, c, self.pool_size[0] * self.pool_size[1])
-        idx = np.argmax(flat, axis=-1)
-        y = np.take_along_axis(flat, idx[..., None], axis=-1)[..., 0]
-        self._cache = (idx, xp.shape, pads, xl.shape[1:3])
+        """Forward pass; keeps each window's chosen tap for `backward`."""
+        xl, pads, out_hw = self._prepare(x)
+        y, idx = pool_ops.max_pool2d_forward(xl, self.pool_size, self.strides, pads, out_hw)
+        self._cache = (idx, pads, xl.shape[1:3])
         return _common.from_channels_last(y, self.data_format)
 
     def backward(self, dy):
         """Input gradient: dy routed to each window's chosen maximum."""
-        idx, padded_shape, pads, hw = self._cache
-        dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
-        pw = self.pool_size[1]
-        return self._scatter(lambda i, j: np.where(idx == i * pw + j, dy, 0),
-                             padded_shape, pads, hw, dy.dtype)
+        idx, pads, hw = self._cache
+        return self._grad_out(pool_ops.max_pool2d_backward(
+            self._grad_in(dy), idx, hw, self.pool_size, self.strides, pads))
 
 
 class AveragePooling2D(_Pooling2D):
@@ -126,29 +114,19 @@ class AveragePooling2D(_Pooling2D):
         **kwargs: `name`, `dtype`, `trainable`.
     """
 
-    def _counts(self, hw, pads, out_hw) -> np.ndarray:
-        """How many real (unpadded) inputs each output window covers, shape (ho, wo, 1)."""
-        per_axis = []
-        for n, k, s, (before, _), o in zip(hw, self.pool_size, self.strides, pads, out_hw,
-                                           strict=True):
-            start = np.arange(o) * s  # window start in padded coordinates
-            per_axis.append(np.minimum(start + k, before + n) - np.maximum(start, before))
-        return np.multiply.outer(per_axis[0], per_axis[1])[..., None]
-
     def call(self, x, training=None, mask=None):
         """Forward pass."""
-        xl, xp, pads, out_hw, win = self._windows(x, 0)
-        counts = self._counts(xl.shape[1:3], pads, out_hw).astype(xl.dtype)
-        y = win.sum(axis=(-2, -1)) / counts
-        self._cache = (counts, xp.shape, pads, xl.shape[1:3])
-        return _common.from_channels_last(y.astype(xl.dtype, copy=False), self.data_format)
+        xl, pads, out_hw = self._prepare(x)
+        y, counts = pool_ops.avg_pool2d_forward(xl, self.pool_size, self.strides, pads,
+                                                out_hw)
+        self._cache = (counts, pads, xl.shape[1:3])
+        return _common.from_channels_last(y, self.data_format)
 
     def backward(self, dy):
         """Input gradient: dy / count spread over each window."""
-        counts, padded_shape, pads, hw = self._cache
-        dy = _common.to_channels_last(_common.cast(dy, self.compute_dtype), self.data_format)
-        g = dy / counts
-        return self._scatter(lambda i, j: g, padded_shape, pads, hw, dy.dtype)
+        counts, pads, hw = self._cache
+        return self._grad_out(pool_ops.avg_pool2d_backward(
+            self._grad_in(dy), counts, hw, self.pool_size, self.strides, pads))
 
 
 class GlobalAveragePooling2D(Layer):
@@ -177,16 +155,22 @@ class GlobalAveragePooling2D(Layer):
                 f"GlobalAveragePooling2D {self.name!r} expects a 4-D input, got shape {x.shape}"
             )
         self._shape = x.shape
-        return x.mean(axis=self._axes(), keepdims=self.keepdims)
+        if self.data_format == "channels_first":  # reduces contiguous axes: numpy's own
+            return x.mean(axis=self._axes(), keepdims=self.keepdims)
+        y = pool_ops.global_avg_pool2d_forward(np.ascontiguousarray(x))
+        return y[:, None, None, :] if self.keepdims else y
 
     def backward(self, dy):
         """Input gradient: dy / (H*W) broadcast over the spatial axes."""
         shape = self._shape
         dy = _common.cast(dy, self.compute_dtype)
         a, b = self._axes()
-        if not self.keepdims:
-            dy = np.expand_dims(dy, (a, b))
-        return np.broadcast_to(dy / (shape[a] * shape[b]), shape).copy()
+        if self.data_format == "channels_first":
+            if not self.keepdims:
+                dy = np.expand_dims(dy, (a, b))
+            return np.broadcast_to(dy / (shape[a] * shape[b]), shape).copy()
+        dy = dy.reshape(shape[0], shape[3])  # (N, C), from keepdims' (N, 1, 1, C) too
+        return pool_ops.global_avg_pool2d_backward(np.ascontiguousarray(dy), shape)
 
     def compute_output_shape(self, input_shape):
         input_shape = list(input_shape)

@@ -11,11 +11,13 @@ others keep y (sigmoid, tanh, elu, selu, exponential, softmax, log_softmax) or x
 (softplus, softsign, silu), never both. "linear" keeps nothing and returns x itself.
 
 Both kernel backends (`DISTBN_KERNELS`): numpy (the reference, below) and numba
-(`_activation_kernels`: one read of the input and one write of each output, the
-reference's arithmetic in its order and dtype). Elementwise the results are the same bits
-for the ReLU family and agree to the last ulp of libm's transcendentals otherwise.
-float16, non-contiguous or non-float inputs, and softmax/log_softmax (a reduction per
-row), use the reference.
+(`_activation_kernels`: one read of each input and one write of each output, the
+reference's arithmetic in its order and dtype, the same bits): the ReLU family forward
+and backward, and the backward of sigmoid, tanh, softsign, elu, selu and exponential.
+The other passes use numpy on both backends: they call exp, tanh or log1p, which numpy
+vectorises and a numba loop does not (ten to fifty times slower, measured); so do
+float16, non-contiguous and non-float inputs, and softmax/log_softmax (a reduction per
+row).
 
 Conventions (kept from the layers that use them): the ReLU layer's gradient is 1 at
 x == threshold, the "relu" activation's is 0 at 0 (`strict=True`); with a zero slope a
@@ -41,6 +43,8 @@ LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu default negative_slope
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _UNARY = ("sigmoid", "tanh", "softplus", "softsign", "silu", "elu", "selu", "exponential")
 _SAVES_X = ("softplus", "softsign", "silu")
+# Backward passes the numba kernel does (see `_activation_kernels.CODES` for why not all).
+_NUMBA_BACKWARD = ("sigmoid", "tanh", "softsign", "elu", "selu", "exponential")
 # The ReLU family: (negative_slope, max_value) of the strict relu kernel.
 _RELU_LIKE = {"relu": (0.0, None), "relu6": (0.0, 6.0), "leaky_relu": (LEAKY_SLOPE, None)}
 NAMES = ("linear", *_RELU_LIKE, *_UNARY, "softmax", "log_softmax")
@@ -196,9 +200,8 @@ _REF_BACKWARD = {
 
 
 def _consts(dtype):
-    """The unary kernels' constants in the input's dtype (the reference's weak scalars)."""
-    return np.array([0.5, 1.0, np.log(2.0), SELU_ALPHA, SELU_SCALE, 0.0,
-                     SELU_SCALE * SELU_ALPHA], dtype=dtype)
+    """`unary_backward`'s constants in dy's dtype (the reference's weak scalars)."""
+    return np.array([1.0, SELU_SCALE, 0.0, SELU_SCALE * SELU_ALPHA], dtype=dtype)
 
 
 def _check_name(name):
@@ -223,15 +226,9 @@ def forward(name, x):
     if name in _RELU_LIKE:
         slope, top = _RELU_LIKE[name]
         return relu_forward(x, negative_slope=slope, max_value=top, strict=True)
-    if name in _UNARY and _numba_ok(x):
-        from distbn.ops import _activation_kernels as _k
-
-        y = np.empty_like(x)
-        _run(_k.unary_forward, "unary_forward", x.size, x.reshape(-1), y.reshape(-1),
-             _k.CODES[name], _consts(x.dtype))
-    else:
-        with np.errstate(over="ignore"):
-            y = np.asarray(_REF_FORWARD[name](x)).astype(x.dtype, copy=False)
+    # numpy on both backends: its vectorised exp/tanh beat a numba loop's libm calls.
+    with np.errstate(over="ignore"):
+        y = np.asarray(_REF_FORWARD[name](x)).astype(x.dtype, copy=False)
     return y, (x if name in _SAVES_X else y)
 
 
@@ -253,7 +250,7 @@ def backward(name, dy, saved):
     if name in _RELU_LIKE:
         return relu_backward(dy, saved, negative_slope=_RELU_LIKE[name][0])
     saved = np.asarray(saved)
-    if name in _UNARY and _numba_ok(dy, saved) and dy.shape == saved.shape:
+    if name in _NUMBA_BACKWARD and _numba_ok(dy, saved) and dy.shape == saved.shape:
         from distbn.ops import _activation_kernels as _k
 
         dx = np.empty_like(dy)
