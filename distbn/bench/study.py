@@ -138,7 +138,8 @@ group), with the EMA moving statistics and with PreciseBN population statistics,
 train/test gap, how far each rank's batch statistics are from the global batch's and
 how far the replicas' moving statistics drift apart.
 
-Modes ({MODE_SYNTAX}): local = replica-local BN; sync = BN synchronized over all ranks;
+Modes ({MODE_SYNTAX}):
+local = replica-local BN; sync = BN synchronized over all ranks;
 sync:K = over sync groups of K ranks; ghost:S = ghost batches of S samples per replica;
 groupnorm[:G] = GroupNormalization (at most G groups, default 32) and layernorm =
 LayerNormalization in place of every BN. --seeds 0,1,2 (those seeds) or --seeds 3 (three
