@@ -341,6 +341,8 @@ def test_mode_and_seed_usage_errors_before_any_training(tmp_path, capsys):
                                                         "batch 64"),
              ([str(ROOT_CONFIG), "--seeds", "0,0"], "--seeds: a seed is given twice"),
              ([str(ROOT_CONFIG), "--precise-bn-samples", "-1"], "got -1"),
+             ([str(ROOT_CONFIG), "--set", "train.precise_bn.batches=2"],
+              "train.precise_bn.batches: distbn compare evaluates"),
              ([str(cfg)], f"{cfg}:2: study.modes: unknown mode 'bogus'")]
     for argv, message in cases:
         assert main(["compare", *argv, "--out", str(tmp_path / "o"),

@@ -228,7 +228,8 @@ def mode_config(config_path, overrides=(), synchronized=True, mode=None, channel
 
     Returns:
         The validated `Config`. Raises `ConfigError` for a bad config, `StudyError` when
-        the config sets a BN sync group (the modes set it).
+        the config sets a BN sync group (the modes set it) or `train.precise_bn` (the
+        study evaluates PreciseBN itself, on a copy).
     """
     overrides = list(overrides or ())
     if mode is None:
@@ -238,6 +239,12 @@ def mode_config(config_path, overrides=(), synchronized=True, mode=None, channel
         raise StudyError(f"{config_path}: strategy.sync_group: distbn compare sets the sync "
                          "group per mode (sync:K in --modes), so it must be null, got "
                          f"{base.strategy.sync_group!r}")
+    precise = getattr(base.train, "precise_bn", None)
+    if precise is not None and precise.batches:
+        raise StudyError(f"{config_path}: train.precise_bn.batches: distbn compare evaluates "
+                         "the EMA and the PreciseBN statistics itself (--precise-bn-samples) "
+                         "and trains on the EMA ones, so it must be 0, got "
+                         f"{precise.batches!r}")
     return _load(config_path, overrides + mode_overrides(base, mode, channels))
 
 
