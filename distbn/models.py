@@ -29,10 +29,19 @@ class Sequential:
     Weights are named `<layer name>/<weight name>`; layer names must be unique. `Model`
     is the same with layers that name their inputs.
 
+    A BatchNormalization whose output only a ReLU takes runs that ReLU inside its own
+    pass (`BatchNormalization.fuse_relu`: one pass over the data instead of two, the
+    same results); the ReLU layer then passes its input through. Set
+    `fuse_activations = False` (before the first call, or call `refuse()` after) to
+    run every layer separately.
+
     Args:
         layers: iterable of Layer instances (or `{"type": ..., ...}` layer configs).
         name: the model's name; default a unique "sequential[_N]".
     """
+
+    #: Whether building the model fuses BatchNormalization + ReLU pairs (see above).
+    fuse_activations = True
 
     def __init__(self, layers=None, name=None):
         if name is not None and (not isinstance(name, str) or not name):
@@ -41,6 +50,7 @@ class Sequential:
         self._layers: list[Layer] = []
         self.built = False
         self.input_shape = None
+        self._fused: set[str] = set()  # names of the ReLU layers a BN runs
         for layer in layers or []:
             self.add(layer)
 
@@ -82,7 +92,9 @@ class Sequential:
             layer = self._layers[i]
             h = self._inputs_of(i, values)
             m = _common_mask([masks[name] for name in self.sources(i)])
-            if getattr(layer, "uses_sample_ids", False):
+            if layer.name in self._fused:  # its BatchNormalization applied it already
+                out = h
+            elif getattr(layer, "uses_sample_ids", False):
                 out = layer(h, training=training, mask=m, sample_ids=sample_ids, step=step)
             else:
                 out = layer(h, training=training, mask=m)
@@ -128,6 +140,44 @@ class Sequential:
         for _ in self.build_layers(input_shape):
             pass
         self.built = True
+        self.refuse()
+
+    def refuse(self) -> list[tuple[str, str]]:
+        """(Re)decide which BatchNormalization + ReLU pairs run fused.
+
+        A pair fuses when the ReLU takes the BN's output and no other layer (nor the
+        model's output) does, `fuse_activations` is on and the BN accepts it (same
+        dtype policy, not float16). Called by `build`; call it again after changing
+        `fuse_activations`.
+
+        Returns:
+            The fused (BatchNormalization name, ReLU name) pairs.
+        """
+        from distbn.layers.core import ReLU
+        from distbn.layers.normalization import BatchNormalization
+
+        for layer in self._layers:
+            if isinstance(layer, BatchNormalization):
+                layer.fuse_relu(None)
+        self._fused = set()
+        if not self.fuse_activations or not self._layers:
+            return []
+        readers: dict[str, list[int]] = {}
+        for i in range(len(self._layers)):
+            for src in self.sources(i):
+                readers.setdefault(src, []).append(i)
+        pairs = []
+        by_name = {la.name: la for la in self._layers}
+        for j, relu in enumerate(self._layers):
+            srcs = self.sources(j)
+            if type(relu) is not ReLU or len(srcs) != 1 or srcs[0] not in by_name:
+                continue
+            bn = by_name[srcs[0]]
+            if (type(bn) is BatchNormalization and readers.get(bn.name) == [j]
+                    and bn is not self._layers[-1] and bn.fuse_relu(relu)):
+                self._fused.add(relu.name)
+                pairs.append((bn.name, relu.name))
+        return pairs
 
     def build_layers(self, input_shape):
         """Build every unbuilt layer in `order`, yielding `(layer, its output shape)`;
@@ -220,7 +270,9 @@ class Sequential:
             if layer.name not in grads:
                 raise ValueError(f"{type(self).__name__} {self.name!r}: the output of layer "
                                  f"{layer.name!r} feeds no other layer nor the output")
-            d = layer.backward(grads.pop(layer.name))
+            d = grads.pop(layer.name)
+            if layer.name not in self._fused:  # a fused ReLU's BN differentiates it
+                d = layer.backward(d)
             names = self.sources(i)
             for name, g in zip(names, d if getattr(layer, "multi_input", False) else [d],
                                strict=True):

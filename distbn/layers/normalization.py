@@ -12,6 +12,7 @@ from distbn.checks import check_bool, check_int, check_number, is_int, is_number
 from distbn import ops as _ops
 from distbn.distribute import get_strategy
 from distbn.layers.base import Layer
+from distbn.ops import activation as _act
 from distbn.ops import renorm as _renorm
 
 __all__ = ["BatchNormalization"]
@@ -82,6 +83,8 @@ class _Cache:
     ghost: bool = False       # x is (k, B/k, ...): sums carry a leading ghost-batch axis
     renorm_r: np.ndarray | None = None  # renorm corrections (constants in backward)
     renorm_d: np.ndarray | None = None
+    relu_mask: np.ndarray | None = None  # a fused ReLU's uint8 mask (the output's shape)
+    relu_slope: float = 0.0                # and its negative slope
 
 
 class BatchNormalization(Layer):
@@ -217,6 +220,36 @@ class BatchNormalization(Layer):
         self._axes: tuple = ()
         self._reduction_axes: tuple = ()
         self._cache: _Cache | None = None
+        self._fused_relu = None  # (negative_slope, threshold, max_value): see fuse_relu
+
+    # --- fusion with a following ReLU --------------------------------------------------------
+    def fuse_relu(self, relu) -> bool:
+        """Apply a following ReLU layer inside this layer's call and backward.
+
+        `Sequential`/`Model` call it when a ReLU takes this layer's output and nothing
+        else does; they then pass the ReLU layer by (its output is this layer's). The
+        forward normalises, scales, shifts and clamps in one pass, keeping the ReLU's
+        uint8 mask; backward applies the mask to dy, then differentiates the
+        normalisation as before: outputs, gradients and the synchronized statistics
+        are those of the two layers run one after the other (the same bits). Config,
+        weights and standalone behaviour do not change (nothing is fused unless a model
+        asks).
+
+        Args:
+            relu: a `distbn.layers.ReLU`, or None to stop fusing.
+
+        Returns:
+            Whether the ReLU is fused: not for float16 compute dtypes (the ReLU would
+            clamp the float16-rounded output), nor for a ReLU of another dtype policy.
+        """
+        self._fused_relu = None
+        if relu is None:
+            return False
+        compute = np.dtype(self.compute_dtype)
+        if compute == np.float16 or np.dtype(relu.compute_dtype) != compute:
+            return False
+        self._fused_relu = (relu.negative_slope, relu.threshold, relu.max_value)
+        return True
 
     # --- build -----------------------------------------------------------------------------
     def build(self, input_shape) -> None:
@@ -316,11 +349,21 @@ class BatchNormalization(Layer):
 
         kern = _ops.kernels()  # the active backend: numba's fused kernels or numpy's
         shape, ghost, r = x.shape, False, None
+        fused = self._fused_relu if work == compute else None
+        relu_masks = []
+        normalize = kern.normalize
+        if fused is not None:
+            def normalize(x_, mean_, var_, gamma_, beta_, epsilon, red_):
+                # Normalise and clamp in one pass; the mask is the fused ReLU's.
+                y_, m_ = _act.normalize_relu(x_, mean_, var_, gamma_, beta_, epsilon, red_,
+                                             *fused)
+                relu_masks.append(m_)
+                return y_
         if not (training and self.trainable):
             mean = self.moving_mean.value.astype(np.float64)
             var = self.moving_variance.value.astype(np.float64)
             count = mask = None
-            y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+            y = normalize(x, mean, var, gamma, beta, self.epsilon, red)
         elif self.virtual_batch_size is not None:
             x, red, y, count, mean, var, gamma, r, d = self._ghost_forward(x, mask, gamma, beta)
             ghost = True
@@ -332,7 +375,12 @@ class BatchNormalization(Layer):
                 mean, var, count = _ops.synchronized_moments(
                     x, red, mask, self._stats_shift(), self.epsilon, self._reduce_stats)
             mean, var, gamma, beta, r, d = self._renorm_step(count, mean, var, gamma, beta)
-            y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+            y = normalize(x, mean, var, gamma, beta, self.epsilon, red)
+        elif self._replicas_in_sync == 1 and fused is not None:
+            # The statistics pass, then normalisation and the ReLU in one pass.
+            y, count, mean, var = _ops.batch_norm.compose_train_forward(
+                kern.local_mean_m2, normalize, x, red, mask, gamma, beta, self.epsilon,
+                self.moving_mean.value, self.moving_variance.value, self.momentum)
         elif self._replicas_in_sync == 1:
             # Statistics, moving averages and normalisation in one call (one compiled
             # function on the numba backend).
@@ -344,13 +392,21 @@ class BatchNormalization(Layer):
                 x, red, mask, self._stats_shift(), self.epsilon, self._reduce_stats)
             mean, var = _ops.update_moving(self.moving_mean.value, self.moving_variance.value,
                                            count, mean, var, self.momentum)
-            y = kern.normalize(x, mean, var, gamma, beta, self.epsilon, red)
+            y = normalize(x, mean, var, gamma, beta, self.epsilon, red)
+        y = y.reshape(shape)
+        relu_mask = None
+        if fused is not None:
+            if relu_masks:
+                relu_mask = relu_masks[0].reshape(shape)
+            else:  # ghost batches normalise per ghost batch: clamp the result after
+                y, relu_mask = _act.relu_forward(y, *fused)
         self._cache = _Cache(x=x, input_dtype=input_dtype, compute_dtype=compute, mask=mask,
                              mean=mean, var=var, gamma=gamma, count=count, shape=shape,
                              red=red, ghost=ghost, renorm_r=r,
-                             renorm_d=None if r is None else d)
+                             renorm_d=None if r is None else d, relu_mask=relu_mask,
+                             relu_slope=fused[0] if fused is not None else 0.0)
         self.losses = self.regularization_losses()
-        return y.reshape(shape).astype(compute, copy=False)
+        return y.astype(compute, copy=False)
 
     def _renorm_step(self, count, mean, var, gamma, beta):
         """Renorm's corrections and updates from the batch (mean, var, count).
@@ -524,7 +580,10 @@ class BatchNormalization(Layer):
                 f"call's output has shape {c.shape}"
             )
         # The output was cast to the compute dtype: its cotangent lives there too.
-        dy = dy.astype(c.compute_dtype, copy=False).astype(c.x.dtype, copy=False)
+        dy = dy.astype(c.compute_dtype, copy=False)
+        if c.relu_mask is not None:  # the fused ReLU's backward first, as the layer's
+            dy = _act.relu_backward(np.ascontiguousarray(dy), c.relu_mask, c.relu_slope)
+        dy = dy.astype(c.x.dtype, copy=False)
         dy = dy.reshape(c.x.shape)  # ghost batches: the (k, B/k, ...) view
         red = c.red
         inv_std = _ops.inverse_std(c.var, self.epsilon)

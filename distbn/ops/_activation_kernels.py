@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["BLOCK", "relu_forward", "relu_backward", "unary_backward", "CODES"]
+__all__ = ["BLOCK", "relu_forward", "relu_backward", "unary_backward", "CODES",
+           "rows_affine_relu"]
 
 #: Elements per parallel task.
 BLOCK = 1 << 15
@@ -115,3 +116,29 @@ def _unary_backward_block(dy, saved, dx, code, one, scale, zero, scale_alpha):
     else:
         for i in range(lo, hi):
             dx[i] = dy[i] * saved[i]
+
+
+@njit(parallel=True, cache=True)
+def rows_affine_relu(x2, scale, offset, y2, mask2, consts, has_max, zero_slope,
+                     rows_per_block):
+    """BatchNormalization's element-wise step and a ReLU in one pass over (R, C) rows:
+    `v = x * scale + offset` per channel (as `fused.rows_affine`: a multiply, then an
+    add, no fused multiply-add, so the same bits), then `relu_forward`'s rule on v
+    (consts = [s, t, m]; the ReLU layer's convention: v == t is linear)."""
+    s, t, m = consts[0], consts[1], consts[2]
+    nrow, nch = x2.shape
+    nrb = (nrow + rows_per_block - 1) // rows_per_block
+    for rb in prange(nrb):
+        for r in range(rb * rows_per_block, min(nrow, (rb + 1) * rows_per_block)):
+            xr, yr, mr = x2[r], y2[r], mask2[r]  # 1-D views: their loops vectorise
+            for c in range(nch):
+                v = xr[c] * scale[c] + offset[c]
+                if has_max and v >= m:
+                    yr[c] = m
+                    mr[c] = 2
+                elif v < t:
+                    yr[c] = 0 if zero_slope else s * (v - t)
+                    mr[c] = 0
+                else:
+                    yr[c] = v
+                    mr[c] = 1

@@ -2,6 +2,7 @@
 
     y, mask = relu_forward(x, negative_slope=0.0, threshold=0.0, max_value=None, strict=False)
     dx = relu_backward(dy, mask, negative_slope=0.0)
+    y, mask = normalize_relu(x, mean, var, gamma, beta, epsilon, reduce_axes, ...)  # BN+ReLU
     y, saved = forward(name, x)          # any name in NAMES ("relu", "sigmoid", ...)
     dx = backward(name, dy, saved)
 
@@ -31,7 +32,8 @@ import numpy as np
 from distbn.ops.backend import backend_name
 
 __all__ = ["NAMES", "MASK_BELOW", "MASK_LINEAR", "MASK_SATURATED", "relu_forward",
-           "relu_backward", "forward", "backward", "LEAKY_SLOPE", "SELU_ALPHA", "SELU_SCALE"]
+           "relu_backward", "forward", "backward", "normalize_relu", "LEAKY_SLOPE",
+           "SELU_ALPHA", "SELU_SCALE"]
 
 MASK_BELOW, MASK_LINEAR, MASK_SATURATED = 0, 1, 2
 
@@ -259,3 +261,56 @@ def backward(name, dy, saved):
         return dx
     with np.errstate(over="ignore", invalid="ignore"):
         return np.asarray(_REF_BACKWARD[name](dy, saved)).astype(dy.dtype, copy=False)
+
+
+# --- BatchNormalization's element-wise step fused with a ReLU -------------------------------
+
+def normalize_relu(x, mean, var, gamma, beta, epsilon, reduce_axes, negative_slope=0.0,
+                   threshold=0.0, max_value=None):
+    """`relu_forward(batch_norm.normalize(x, ...))` in one pass where the kernels allow.
+
+    Normalise, scale, shift and clamp: one read of x, one write of y and of the mask,
+    with the separate steps' arithmetic (the same bits as normalising, then applying
+    the ReLU layer's `relu_forward`). The one-pass kernel takes channels-last inputs
+    (the channel axis last, every other axis reduced) on the numba backend; anything
+    else runs the two steps.
+
+    Args:
+        x: float32 or float64 array.
+        mean, var, gamma, beta, epsilon, reduce_axes: as `distbn.ops.batch_norm.normalize`
+            (mean and var float64 channel arrays; gamma, beta may be None).
+        negative_slope, threshold, max_value: the ReLU's (`relu_forward`).
+
+    Returns:
+        (y, mask): as `relu_forward`.
+    """
+    _check_relu(negative_slope, threshold, max_value)
+    rows = (tuple(reduce_axes) == tuple(range(x.ndim - 1)) and x.ndim >= 1
+            and np.shape(mean) == x.shape[-1:])
+    if not (rows and _numba_ok(x) and x.size):
+        from distbn.ops.backend import kernels
+
+        y = kernels().normalize(x, mean, var, gamma, beta, epsilon, reduce_axes)
+        return relu_forward(y, negative_slope, threshold, max_value)
+    from distbn.ops import _activation_kernels as _k
+    from distbn.ops.batch_norm import inverse_std
+
+    # The per-channel coefficients by the reference's float64 arithmetic, cast once.
+    scale = inverse_std(var, epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    offset = -np.asarray(mean, dtype=np.float64) * scale
+    if beta is not None:
+        offset = offset + beta
+    nch = x.shape[-1]
+    x2 = x.reshape(-1, nch)
+    y = np.empty_like(x)
+    mask = np.empty(x.shape, dtype=np.uint8)
+    consts = np.array([negative_slope, threshold, 0 if max_value is None else max_value],
+                      dtype=x.dtype)
+    # Rows per parallel task: about BLOCK elements, as the other elementwise kernels.
+    rows_per_block = max(1, _k.BLOCK // max(nch, 1))
+    _run(_k.rows_affine_relu, "rows_affine_relu", x.size, x2, scale.astype(x.dtype),
+         offset.astype(x.dtype), y.reshape(-1, nch), mask.reshape(-1, nch), consts,
+         max_value is not None, negative_slope == 0, rows_per_block)
+    return y, mask
