@@ -32,7 +32,7 @@ class Sequential:
     A BatchNormalization whose output only a ReLU takes runs that ReLU inside its own
     pass (`BatchNormalization.fuse_relu`: one pass over the data instead of two, the
     same results); the ReLU layer then passes its input through. Set
-    `fuse_activations = False` (before the first call, or call `refuse()` after) to
+    `fuse_activations = False` (before the first call, or call `apply_fusion()` after) to
     run every layer separately.
 
     Args:
@@ -140,9 +140,9 @@ class Sequential:
         for _ in self.build_layers(input_shape):
             pass
         self.built = True
-        self.refuse()
+        self.apply_fusion()
 
-    def refuse(self) -> list[tuple[str, str]]:
+    def apply_fusion(self) -> list[tuple[str, str]]:
         """(Re)decide which BatchNormalization + ReLU pairs run fused.
 
         A pair fuses when the ReLU takes the BN's output and no other layer (nor the

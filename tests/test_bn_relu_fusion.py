@@ -81,9 +81,9 @@ def test_fused_model_gives_the_same_bits(kernels, dtype, bn_kwargs, relu_kwargs,
     fused.build((None, 6, 6, 3))
     plain.build((None, 6, 6, 3))
     plain.set_weight_dict(fused.get_weight_dict())
-    assert fused.refuse() == [(fused.layers[1].name, fused.layers[2].name),
+    assert fused.apply_fusion() == [(fused.layers[1].name, fused.layers[2].name),
                               (fused.layers[5].name, fused.layers[6].name)]
-    assert plain.refuse() == []
+    assert plain.apply_fusion() == []
     for a, b in zip(_run(fused, x, dy), _run(plain, x, dy), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
@@ -98,16 +98,16 @@ def test_which_pairs_fuse():
                    L.Add(name="add"), bn("bn2"), L.ReLU(name="r2", max_value=6.0)],
                   inputs={"add": ["r", "bn"]})
     graph.build((None, 3))
-    assert graph.refuse() == [("bn2", "r2")]
+    assert graph.apply_fusion() == [("bn2", "r2")]
     # Not a plain ReLU layer, a float16 policy, a BN that is the model's output.
     seq = Sequential([L.Dense(4), bn("b1"), L.Activation("relu"), bn("b2", dtype="float16"),
                       L.ReLU(dtype="float16"), bn("b3")])
     seq.build((None, 3))
-    assert seq.refuse() == []
+    assert seq.apply_fusion() == []
     # Config and weights do not change with fusion.
     fused = Sequential(_cnn("float32"))
     fused.build((None, 6, 6, 3))
-    assert len(fused.refuse()) == 2
+    assert len(fused.apply_fusion()) == 2
     config = fused.get_config()
     assert all("fuse" not in str(c) for c in config["layers"])
     rebuilt = Sequential.from_config(config)
