@@ -119,26 +119,34 @@ def _unary_backward_block(dy, saved, dx, code, one, scale, zero, scale_alpha):
 
 
 @njit(parallel=True, cache=True)
-def rows_affine_relu(x2, scale, offset, y2, mask2, consts, has_max, zero_slope,
-                     rows_per_block):
-    """BatchNormalization's element-wise step and a ReLU in one pass over (R, C) rows:
-    `v = x * scale + offset` per channel (as `fused.rows_affine`: a multiply, then an
-    add, no fused multiply-add, so the same bits), then `relu_forward`'s rule on v
-    (consts = [s, t, m]; the ReLU layer's convention: v == t is linear)."""
+def rows_affine_relu(x, scale, offset, y, mask, consts, has_max, zero_slope):
+    """BatchNormalization's element-wise step and a ReLU in one pass over channels-last
+    data: `v = x * scale + offset` per channel (as `fused.rows_affine`: a multiply, then
+    an add, no fused multiply-add, so the same bits), then `relu_forward`'s rule on v
+    (consts = [s, t, m]; the ReLU layer's convention: v == t is linear).
+
+    x, y, mask: flat views; scale, offset: the channel coefficients tiled to a length L
+    that is a multiple of the channel count, so every L-element chunk of the flat data
+    starts at channel 0 and its loop is long enough to vectorise (rows of a few channels
+    are not: measured 2.5x slower with 16 channels).
+    """
     s, t, m = consts[0], consts[1], consts[2]
-    nrow, nch = x2.shape
-    nrb = (nrow + rows_per_block - 1) // rows_per_block
-    for rb in prange(nrb):
-        for r in range(rb * rows_per_block, min(nrow, (rb + 1) * rows_per_block)):
-            xr, yr, mr = x2[r], y2[r], mask2[r]  # 1-D views: their loops vectorise
-            for c in range(nch):
-                v = xr[c] * scale[c] + offset[c]
+    n, tile = x.size, scale.size
+    nt = (n + tile - 1) // tile
+    per_task = max(1, BLOCK // tile)
+    ntask = (nt + per_task - 1) // per_task
+    for task in prange(ntask):
+        for ck in range(task * per_task, min(nt, (task + 1) * per_task)):
+            lo, hi = ck * tile, min(n, (ck + 1) * tile)
+            xs, ys, ms = x[lo:hi], y[lo:hi], mask[lo:hi]
+            for i in range(hi - lo):
+                v = xs[i] * scale[i] + offset[i]
                 if has_max and v >= m:
-                    yr[c] = m
-                    mr[c] = 2
+                    ys[i] = m
+                    ms[i] = 2
                 elif v < t:
-                    yr[c] = 0 if zero_slope else s * (v - t)
-                    mr[c] = 0
+                    ys[i] = 0 if zero_slope else s * (v - t)
+                    ms[i] = 0
                 else:
-                    yr[c] = v
-                    mr[c] = 1
+                    ys[i] = v
+                    ms[i] = 1

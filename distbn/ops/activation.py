@@ -303,14 +303,13 @@ def normalize_relu(x, mean, var, gamma, beta, epsilon, reduce_axes, negative_slo
     if beta is not None:
         offset = offset + beta
     nch = x.shape[-1]
-    x2 = x.reshape(-1, nch)
     y = np.empty_like(x)
     mask = np.empty(x.shape, dtype=np.uint8)
     consts = np.array([negative_slope, threshold, 0 if max_value is None else max_value],
                       dtype=x.dtype)
-    # Rows per parallel task: about BLOCK elements, as the other elementwise kernels.
-    rows_per_block = max(1, _k.BLOCK // max(nch, 1))
-    _run(_k.rows_affine_relu, "rows_affine_relu", x.size, x2, scale.astype(x.dtype),
-         offset.astype(x.dtype), y.reshape(-1, nch), mask.reshape(-1, nch), consts,
-         max_value is not None, negative_slope == 0, rows_per_block)
+    # The coefficients tiled to whole rows of about 256 elements (see the kernel).
+    reps = max(1, 256 // nch)
+    _run(_k.rows_affine_relu, "rows_affine_relu", x.size, x.reshape(-1),
+         np.tile(scale.astype(x.dtype), reps), np.tile(offset.astype(x.dtype), reps),
+         y.reshape(-1), mask.reshape(-1), consts, max_value is not None, negative_slope == 0)
     return y, mask
