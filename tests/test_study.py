@@ -241,6 +241,9 @@ def test_parse_modes_labels_and_normalization_batch():
     ("layernorm:2", "unknown mode 'layernorm:2'"),
     ("local,,sync", "empty mode in 'local,,sync'"),
     ("sync,synchronized", "mode 'synchronized' is given twice"),
+    ("layernorm+renorm", "+renorm needs a BatchNormalization mode"),
+    ("local+ghost", "the only modifier is +renorm, got +'ghost'"),
+    ("sync:x+renorm", "got 'x'"),
     (3, "expected comma-separated modes"),
 ])
 def test_parse_modes_errors_quote_the_value(value, message):
@@ -304,6 +307,24 @@ def test_mode_configs_replace_or_reconfigure_every_bn_layer(tmp_path):
     ln = study.mode_config(cfg, (), mode=parse("layernorm")[0])
     assert [s.type for s in ln.model.layers].count("LayerNormalization") == 3
     assert not any(s.type == "BatchNormalization" for s in ln.model.layers)
+
+
+def test_renorm_modes_set_renorm_on_every_bn_layer_and_only_there(tmp_path):
+    got = study_modes.parse_modes("local,local+renorm,sync:2+renorm,ghost:4+RENORM")
+    assert [m.label for m in got] == ["replica-local", "replica-local+renorm",
+                                      "sync:2+renorm", "ghost:4+renorm"]
+    assert study_modes.normalization_batch(got[2], 4, 16) == (8.0, "8")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(ROOT_CONFIG.read_text().replace(
+        "- {type: BatchNormalization, momentum: 0.9}",
+        "- {type: BatchNormalization, momentum: 0.9, renorm: true}", 1))
+    for mode, want in ((got[0], False), (got[1], True), (got[3], True)):
+        bn = [s for s in study.mode_config(cfg, (), mode=mode).model.layers
+              if s.type == "BatchNormalization"]
+        assert len(bn) == 3 and [s.kwargs.get("renorm", False) for s in bn] == [want] * 3
+    ghost = [s for s in study.mode_config(cfg, (), mode=got[3]).model.layers
+             if s.type == "BatchNormalization"]
+    assert all(s.kwargs["virtual_batch_size"] == 4 for s in ghost)
 
 
 def test_parse_seeds():

@@ -15,6 +15,12 @@ mode               what every BatchNormalization layer becomes            sample
 ``layernorm``      LayerNormalization over the BN's channel axis          per-sample
 =================  =====================================================  ==============
 
+A BN mode followed by ``+renorm`` (``local+renorm``, ``sync+renorm``, ``ghost:8+renorm``)
+trains the same groups with batch renormalization (`renorm=True`, the layer's default
+clipping and `renorm_momentum` unless the config's entries set them); a BN entry's own
+`renorm` follows the mode either way, so ``local`` against ``local+renorm`` compares
+exactly that argument.
+
 The normalization batch size (samples per normalization group) is the study's variable,
 as in Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021). `--modes` takes them
 comma-separated: ``--modes local,sync,sync:2,ghost:4,groupnorm,layernorm``.
@@ -29,7 +35,8 @@ import math
 __all__ = ["Mode", "StudyError", "MODE_SYNTAX", "DEFAULT_MODES", "parse_modes",
            "check_modes", "normalization_batch", "mode_overrides", "bn_entries"]
 
-MODE_SYNTAX = "local, sync, sync:K, ghost:S, groupnorm, groupnorm:G, layernorm"
+MODE_SYNTAX = ("local, sync, sync:K, ghost:S, groupnorm, groupnorm:G, layernorm; a BN mode "
+               "may end with +renorm")
 #: The two modes `distbn compare` trains when none are given (today's study).
 DEFAULT_MODES = "local,sync"
 # Keras' and Wu & He's default group count; capped per layer at a divisor of the channels.
@@ -52,18 +59,21 @@ class Mode:
     Attributes:
         kind: "local", "sync", "sync_group", "ghost", "groupnorm" or "layernorm".
         size: K ranks (sync_group), S samples (ghost), G groups (groupnorm); else None.
+        renorm: batch renormalization on the BN layers (BN modes only).
     """
 
     kind: str
     size: int | None = None
+    renorm: bool = False
 
     @property
     def label(self) -> str:
         """The name in records and reports ("replica-local", "sync:2", "ghost:4", ...)."""
-        return {"local": "replica-local", "sync": "synchronized",
+        base = {"local": "replica-local", "sync": "synchronized",
                 "sync_group": f"sync:{self.size}", "ghost": f"ghost:{self.size}",
                 "groupnorm": "groupnorm" if self.size is None else f"groupnorm:{self.size}",
                 "layernorm": "layernorm"}[self.kind]
+        return base + "+renorm" if self.renorm else base
 
     @property
     def uses_bn(self) -> bool:
@@ -80,6 +90,20 @@ _NAMES = {"local": "local", "replica-local": "local", "sync": "sync",
 
 
 def _parse_one(token: str, where: str) -> Mode:
+    base, plus, modifier = token.partition("+")
+    if not plus:
+        return _parse_base(token, where)
+    if modifier.strip().lower() != "renorm":
+        raise StudyError(f"{where}: mode {token!r}: the only modifier is +renorm, got "
+                         f"+{modifier.strip()!r}")
+    mode = _parse_base(base.strip(), where)
+    if not mode.uses_bn:
+        raise StudyError(f"{where}: mode {token!r}: +renorm needs a BatchNormalization mode "
+                         f"(local, sync, sync:K, ghost:S), not {mode.label!r}")
+    return dataclasses.replace(mode, renorm=True)
+
+
+def _parse_base(token: str, where: str) -> Mode:
     name, colon, arg = token.partition(":")
     name = name.strip().lower()
     if not colon:
@@ -267,9 +291,12 @@ def mode_overrides(config, mode: Mode, channels=None) -> list[str]:
     flag = "true" if mode.synchronized else "false"
     out = [f"model.synchronized={flag}",
            f"strategy.sync_group={mode.size if mode.kind == 'sync_group' else 'null'}"]
+    renorm = "true" if mode.renorm else "false"
     for spec in entries:
         if "synchronized" in spec.kwargs:
             out.append(f"model.layers.{spec.index}.synchronized={flag}")
+        if mode.renorm or "renorm" in spec.kwargs:
+            out.append(f"model.layers.{spec.index}.renorm={renorm}")
         if mode.kind == "ghost":
             out.append(f"model.layers.{spec.index}.virtual_batch_size={mode.size}")
         elif spec.kwargs.get("virtual_batch_size") is not None:
