@@ -81,6 +81,21 @@ def test_kernel_suite_without_torch(monkeypatch, capsys):
             factor = {"forward": 2, "backward": 3, "forward_backward": 5}[pas]
             nbytes = np.prod(rec["params"]["shape"]) * np.dtype(rec["params"]["dtype"]).itemsize
             assert rec["params"]["bytes"] == factor * nbytes
+    # The layer's variants against the plain forward+backward of the same rounds: renorm
+    # in every case, ghost batches (a quarter of the batch) where four divide it.
+    plain = {tuple(r["params"]["shape"]): r for r in _by(records, "kernel.forward_backward",
+                                                          "time")}
+    for name, params in (("kernel.renorm", {"renorm": True}), ("kernel.ghost", None)):
+        ratios = _by(records, name, "plain_ratio")
+        shapes = [tuple(c["shape"]) for c in kernel.cases("tiny")
+                  if name == "kernel.renorm" or c["shape"][0] % 4 == 0]
+        assert sorted(tuple(r["params"]["shape"]) for r in ratios) == sorted(shapes)
+        for rec in ratios:
+            assert rec["value"] > 0 and rec["unit"] == "ratio"
+            want = params or {"virtual_batch_size": rec["params"]["shape"][0] // 4}
+            assert {k: rec["params"][k] for k in want} == want
+            assert rec["spread"]["repeats"] == plain[tuple(rec["params"]["shape"])][
+                "spread"]["repeats"]
         assert len(_by(records, f"kernel.{pas}", "copy_fraction")) == n_cases
     layouts = {r["params"]["layout"] for r in _by(records, "kernel.forward", "time")}
     assert {"channels_last", "channels_first"} <= layouts

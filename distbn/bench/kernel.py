@@ -19,7 +19,11 @@ per round, so both sides saw the same moment of the machine:
   running_var, weight, bias, training=True)` on the same memory (a channels-last numpy
   array becomes an NCHW tensor with channels-last strides, which torch's CPU kernel
   handles natively), inputs requiring grad, backward through `torch.autograd.grad`, at
-  the same thread count (`torch.set_num_threads`).
+  the same thread count (`torch.set_num_threads`);
+* `renorm` and `ghost`: forward+backward of the same layer with `renorm=True` and with
+  `virtual_batch_size` = a quarter of the batch (four ghost batches), each with
+  `plain_ratio` = its time / the plain layer's forward+backward in the same round (issue
+  17's bar: renorm at most 1.1x).
 
 Effective bytes (the least memory traffic a pass needs): copy 2 * nbytes, stats 1x,
 normalize and forward 2x (read x, write y), backward 3x (x, dy, dx), forward+backward 5x.
@@ -62,7 +66,9 @@ NAME = "kernel"
 PASSES = ("forward", "backward", "forward_backward")
 #: Effective bytes per operation, in units of the input's nbytes (see the module docstring).
 _BYTES_FACTOR = {"copy": 2, "stats": 1, "normalize": 2, "forward": 2, "backward": 3,
-                 "forward_backward": 5}
+                 "forward_backward": 5, "renorm": 5, "ghost": 5}
+#: The layer's variants, timed as forward+backward against the plain layer's.
+VARIANTS = ("renorm", "ghost")
 _US = 1e6
 
 
@@ -139,13 +145,24 @@ def _distbn_fns(case, x, dy):
         bn(x, training=True)
         return bn.backward(dy)
 
+    def variant(**kwargs):
+        layer = BatchNormalization(axis=case["axis"], dtype=case["dtype"], **kwargs)
+
+        def run():
+            layer(x, training=True)
+            return layer.backward(dy)
+        return run
+
     fns = {
+        "renorm": variant(renorm=True),
         "stats": lambda: kern.local_mean_m2(x, red),
         "normalize": lambda: kern.normalize(x, mean, var, None, None, bn.epsilon, red),
         "forward": lambda: bn(x, training=True),
         "backward": lambda: bn.backward(dy),
         "forward_backward": forward_backward,
     }
+    if x.shape[0] % 4 == 0:  # four ghost batches (the batch axis is reduced in every case)
+        fns["ghost"] = variant(virtual_batch_size=x.shape[0] // 4)
     return bn, fns
 
 
@@ -283,6 +300,20 @@ def _measure_case(ctx, case, threads, torch, backend, rng) -> tuple[list, str]:
                                        Stats([mib]), "MiB", 1, params, 0))
             text += f"; peak extra {mib:.1f} MiB ({mib * 2**20 / x.nbytes:.1f}x input)"
         line.append(text)
+    for name in VARIANTS:
+        if name not in t:
+            continue
+        nbytes = _BYTES_FACTOR[name] * x.nbytes
+        params = dict(base, bytes=nbytes, **({"virtual_batch_size": x.shape[0] // 4}
+                                             if name == "ghost" else {"renorm": True}))
+        add(name, "time", Stats(t[name] * _US), "us", params)
+        add(name, "bandwidth", Stats(nbytes / t[name] / 1e9), "GB/s", params)
+        add(name, "copy_fraction", Stats(nbytes / t[name] / (copy_bytes / t["copy"])),
+            "ratio", params)
+        plain = Stats(t[name] / t["forward_backward"])
+        add(name, "plain_ratio", plain, "ratio", params)
+        line.append(f"{name} fwd+bwd {_fmt_time(median[name] * _US)} "
+                    f"({plain.median:.2f}x plain)")
     return records, "; ".join(line)
 
 

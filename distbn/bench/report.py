@@ -199,7 +199,10 @@ def _kernel(records, multi, compact=False) -> list[str]:
         of_copy = "100%" if name == "kernel.copy" else _pct(row.get("copy_fraction"))
         if row.get("two_pass_copy_fraction"):
             of_copy += f" (2 passes {_pct(row['two_pass_copy_fraction'])})"
-        cells = [name.split(".", 1)[1].replace("_", "+"), _shape(p), p.get("dtype"),
+        label = name.split(".", 1)[1].replace("_", "+")
+        if row.get("plain_ratio"):  # a layer variant: renorm, ghost batches
+            label += f" fwd+bwd ({_cell(row['plain_ratio'])}× plain)"
+        cells = [label, _shape(p), p.get("dtype"),
                  p.get("layout"), p.get("threads", "–"), _cell(row.get("time"), True),
                  _cell(row.get("bandwidth")), of_copy, _cell(row.get("torch_time"), True),
                  _cell(row.get("torch_bandwidth")), _cell(row.get("torch_ratio")), mem_cell]
@@ -336,7 +339,7 @@ def _step(records, multi, compact=False) -> list[str]:
         else:
             entry.update(row)
     body = []
-    for (src, threads, batch, backend), e in sorted(times.items(), key=lambda kv: str(kv[0])):
+    for (_src, threads, batch, backend), e in sorted(times.items(), key=lambda kv: str(kv[0])):
         body.append(([e["source"] or "–"] if multi else []) + [
             batch, threads, backend, _cell(e.get("distbn"), True),
             _cell(e.get("torch_nchw"), True), _cell(e.get("torch_channels_last"), True),
