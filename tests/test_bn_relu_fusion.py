@@ -70,6 +70,7 @@ def _twins(layers_fn):
                                     "max_value": 1.5}),
     ("float32", {"renorm": True}, None),
     ("float32", {"virtual_batch_size": 2}, None),
+    ("float64", {"trainable": False}, None),  # frozen: inference statistics, affine backward
 ])
 def test_fused_model_gives_the_same_bits(kernels, dtype, bn_kwargs, relu_kwargs,
                                          restore_backend):
