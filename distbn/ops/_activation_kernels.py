@@ -13,7 +13,6 @@ ReLU-type mask codes (one uint8 per element): 0 below the threshold (slope
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit, prange
 
 __all__ = ["BLOCK", "relu_forward", "relu_backward", "unary_backward", "CODES",

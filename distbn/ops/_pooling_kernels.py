@@ -18,7 +18,6 @@ Geometry scalars: pool (ph, pw), strides (sh, sw), top/left pads (pt, pl), outpu
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit, prange
 
 __all__ = ["max_forward", "max_backward", "avg_forward", "avg_backward", "gap_forward",
