@@ -283,7 +283,7 @@ def test_the_rethinking_bn_config_is_packaged_and_valid():
     gb, n = config.train.global_batch_size, config.data.n_train
     study_modes.check_modes(modes, 2, gb, last_batch=n % gb)
     assert [study_modes.normalization_batch(m, 2, gb)[1] for m in modes] == [
-        "2", "8", "16", "32", "64", "128", "per-sample"]
+        "2", "8", "32", "64", "128"]
 
 
 def test_mode_configs_replace_or_reconfigure_every_bn_layer(tmp_path):
@@ -402,6 +402,10 @@ def test_seeds_are_aggregated_as_mean_and_sample_std():
     assert local["test_precise"] == pytest.approx((0.15, 0.1, 3))
     assert local["precise_minus_ema"][0] == pytest.approx(-0.05)
     assert rows["ghost:2"]["test_ema"] == pytest.approx((0.6, 0.0, 3))
+    # Train-test inconsistency: train err (inference) - train err (training mode, 0.5).
+    # ghost:2: EMA 0.5 - 0.5 = 0, PreciseBN 0.5 - 0.5 = 0; replica-local: 0.1 - 0.5 both.
+    assert rows["ghost:2"]["incons_ema"] == pytest.approx((0.0, 0.0, 3))
+    assert local["incons_precise"] == pytest.approx((-0.4, 0.0, 3))
     table = study_report.render_batch_table(recs).splitlines()
     assert table[3].startswith("| replica-local | 4 | 3 | 20.00 ± 10.00 | 15.00 ± 10.00 | "
                                "-5.00 ± 0.00 | 10.00 ± 0.00 | 10.00 ± 10.00 |"), table[3]
@@ -412,6 +416,16 @@ def test_seeds_are_aggregated_as_mean_and_sample_std():
             "20.00 ± 10.00%)") in md
     assert "the smallest BN batch (2, ghost:2) is +40.00 points (significant)" in md
     assert "| replica-local | 2 x 4 | 1.0000 ± 0.0000 |" in md  # per-mode table, over seeds
+    assert table[3].endswith("| -40.00 ± 0.00 | -40.00 ± 0.00 |"), table[3]
+    assert "the EMA has no train-test inconsistency to close" in md
+    # A lagging EMA: inference train error 0.3 over training mode's 0.1 (inconsistency
+    # 0.2); PreciseBN's 0.15 leaves 0.05: it closes 75% of it.
+    lag = [{"type": "meta", "modes": ["replica-local"], "seeds": [0, 1]}]
+    for seed in (0, 1):
+        rec = _summary("replica-local", seed, 0.6, 0.7, 0.8, 0.85)
+        lag.append({**rec, "train_accuracy": 0.9})
+    assert ("it closes 75% of the EMA train-test inconsistency (20.00 ± 0.00 -> "
+            "5.00 ± 0.00 points, significant)") in study_report.render_markdown(lag, plot=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -186,12 +186,19 @@ def _seed_metrics(s) -> dict:
     test_e, train_e = _error(s.get("test_accuracy")), _error(s.get("train_eval_accuracy"))
     ptest_e = _error(s.get("precise_test_accuracy"))
     ptrain_e = _error(s.get("precise_train_eval_accuracy"))
+    train_t = _error(s.get("train_accuracy"))
     return {
         "test_ema": test_e, "test_precise": ptest_e,
         "train_ema": train_e, "train_precise": ptrain_e,
         "gap_ema": None if None in (test_e, train_e) else test_e - train_e,
         "gap_precise": None if None in (ptest_e, ptrain_e) else ptest_e - ptrain_e,
-        "train_training": _error(s.get("train_accuracy")),
+        "train_training": train_t,
+        # Wu & Johnson's train-test inconsistency: how much worse the model is on its own
+        # training data in inference mode (these statistics) than in training mode (the
+        # batch statistics it was trained with). A lagging EMA makes it large; PreciseBN's
+        # population statistics of the final weights should close it.
+        "incons_ema": None if None in (train_e, train_t) else train_e - train_t,
+        "incons_precise": None if None in (ptrain_e, train_t) else ptrain_e - train_t,
         "precise_minus_ema": None if None in (ptest_e, test_e) else ptest_e - test_e,
     }
 
@@ -231,7 +238,8 @@ def _pct(ms) -> str:
 
 def render_batch_table(records) -> str:
     """Test error (EMA and PreciseBN) against normalization batch size, with the
-    train/test gaps and the moving-statistics spread; "" for records without it.
+    generalization gaps, the moving-statistics spread and the train-test inconsistencies;
+    "" for records without it.
 
     Args:
         records: from `read_records`.
@@ -244,8 +252,9 @@ def render_batch_table(records) -> str:
         return ""
     lines = ["| mode | norm. batch | seeds | test err EMA | test err PreciseBN | PreciseBN - "
              "EMA | train err EMA (inference) | gap EMA | train err PreciseBN (inference) "
-             "| gap PreciseBN | train err (training mode) | moving-mean spread |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| gap PreciseBN | train err (training mode) | moving-mean spread "
+             "| inconsistency EMA | inconsistency PreciseBN |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = r["spread"]
         lines.append(
@@ -254,7 +263,8 @@ def render_batch_table(records) -> str:
             f"{_pct(r['train_ema'])} | {_pct(r['gap_ema'])} | {_pct(r['train_precise'])} | "
             f"{_pct(r['gap_precise'])} | {_pct(r['train_training'])} | "
             f"{'–' if spread[0] is None else _cell([spread[0]], '.3g')}"
-            f"{'' if spread[1] is None else f' ± {spread[1]:.2g}'} |")
+            f"{'' if spread[1] is None else f' ± {spread[1]:.2g}'} | "
+            f"{_pct(r['incons_ema'])} | {_pct(r['incons_precise'])} |")
     return "\n".join(lines)
 
 
@@ -262,6 +272,20 @@ def _verdict(a, b) -> str:
     sig = significant(a, b)
     return {True: "significant", False: "within the spread",
             None: "one seed: not decided"}[sig]
+
+
+def _closed(r) -> str:
+    """How PreciseBN changes the EMA's train-test inconsistency of one mode (", ..." or "")."""
+    ie, ip = r["incons_ema"], r["incons_precise"]
+    if ie[0] is None or ip[0] is None:
+        return ""
+    moved = f"{_pct(ie)} -> {_pct(ip)} points, {_verdict(ip, ie)}"
+    if ie[0] <= 0:
+        return f"; the EMA has no train-test inconsistency to close ({moved})"
+    if abs(ip[0]) < ie[0]:
+        return (f"; it closes {100 * (ie[0] - abs(ip[0])) / ie[0]:.0f}% of the EMA "
+                f"train-test inconsistency ({moved})")
+    return f"; it does not close the EMA train-test inconsistency ({moved})"
 
 
 def _findings(records) -> list[str]:
@@ -297,15 +321,7 @@ def _findings(records) -> list[str]:
     for r in bn:
         if r["test_precise"][0] is None:
             continue
-        ge, gp = r["gap_ema"][0], r["gap_precise"][0]
-        if ge is None or gp is None or ge <= 0:
-            closed = ""
-        elif gp <= ge:
-            closed = (f"; it closes {100 * (ge - gp) / ge:.0f}% of the EMA train/test gap "
-                      f"({100 * ge:.2f} -> {100 * gp:.2f} points)")
-        else:
-            closed = (f"; it widens the EMA train/test gap ({100 * ge:.2f} -> "
-                      f"{100 * gp:.2f} points)")
+        closed = _closed(r)
         out.append(f"- {r['mode']} (batch {r['norm_batch_text']}): PreciseBN minus EMA test "
                    f"error {_pct(r['precise_minus_ema'])} points "
                    f"({_verdict(r['test_precise'], r['test_ema'])}){closed}.")
@@ -403,8 +419,14 @@ def render_markdown(records, plot: bool = True) -> str:
                   "samples above, recomputed with frozen weights and pooled over all ranks, "
                   "on a copy (training is unaffected).",
                   "- train err (inference): the whole training split in inference mode with "
-                  "those statistics; gap = test err - train err (inference), per seed. train "
-                  "err (training mode): the last tenth of the steps, batch statistics.", "",
+                  "those statistics; gap (generalization) = test err - train err "
+                  "(inference), per seed. train err (training mode): the last tenth of the "
+                  "steps, batch statistics.",
+                  "- inconsistency (Wu & Johnson's train-test inconsistency) = train err "
+                  "(inference) with those statistics - train err (training mode), per seed: "
+                  "how much worse the model does on its training data at test time than "
+                  "with the batch statistics it trains with. PreciseBN closes the share of "
+                  "the EMA's that |inconsistency PreciseBN| no longer has.", "",
                   *_findings(records)]
     lines += ["## Per mode" if batch_table else "", "" if batch_table else "",
               render_table(records), "", *_differences(records),
@@ -521,7 +543,7 @@ def write_plot(records, path) -> Path | None:
 
 
 def write_batch_plot(records, path) -> Path | None:
-    """Draw test error (EMA, PreciseBN) and the train/test gaps against the
+    """Draw test error and the train-test inconsistency (EMA, PreciseBN) against the
     normalization batch size, the per-sample modes as levels.
 
     Args:
@@ -555,9 +577,10 @@ def write_batch_plot(records, path) -> Path | None:
         {"title": "Test error (mean ± std over seeds)", "ylabel": "test error (%)",
          "series": series("test_ema", "EMA") + series("test_precise", "PreciseBN"),
          "levels": levels("test_ema")},
-        {"title": "Train/test gap (inference mode)", "ylabel": "test - train error (points)",
-         "series": series("gap_ema", "EMA") + series("gap_precise", "PreciseBN"),
-         "levels": levels("gap_ema")},
+        {"title": "Train-test inconsistency",
+         "ylabel": "train error: inference - training mode (points)",
+         "series": series("incons_ema", "EMA") + series("incons_precise", "PreciseBN"),
+         "levels": levels("incons_ema")},
     ]
     return batch_figure(panels, path, "Error against normalization batch size")
 
