@@ -163,7 +163,7 @@ def render_table(records) -> str:
         none = s["ranks"] == 1 or s.get("mean_dev") is None
         per = per_replica_batch(s["global_batch_size"], s["ranks"])
 
-        def cell(key, spec):
+        def cell(key, spec, rs=rs):
             return _cell([r.get(key) for r in rs], spec)
 
         lines.append(
@@ -331,7 +331,8 @@ def _findings(records) -> list[str]:
         best = min(bn, key=lambda b: b["test_ema"][0])
         out.append(f"- {r['mode']} (per-sample statistics): test error {_pct(r['test_ema'])}%, "
                    f"{100 * (r['test_ema'][0] - best['test_ema'][0]):+.2f} points against "
-                   f"the best BN mode ({best['mode']}; {_verdict(r['test_ema'], best['test_ema'])}).")
+                   f"the best BN mode ({best['mode']}; "
+                   f"{_verdict(r['test_ema'], best['test_ema'])}).")
     return out + [""]
 
 
