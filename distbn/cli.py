@@ -75,7 +75,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     import socket
 
     from distbn.launcher import run_group
-    from distbn.mpiexec import mpiexec_command, one_thread_env
+    from distbn.mpiexec import mpiexec_command, rank_env
     from distbn.train.preemption import LAUNCHER_ENV
     from distbn.train.progress import TTY_ENV
 
@@ -98,7 +98,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"distbn launch: error: {exc}", file=sys.stderr)
         return 2 if args.mpiexec else 1
-    env = one_thread_env()
+    env = rank_env(local=args.hostfile is None)
     try:
         if sys.stderr.isatty():
             env.setdefault(TTY_ENV, "1")  # the ranks' progress bar still reaches a terminal

@@ -7,20 +7,32 @@ import platform
 import socket
 import sys
 
+from distbn import blas
+
 __all__ = ["blas_info", "kernels_info", "environment", "format_info", "loaded_mpi_library",
            "mpi_problem", "MPI_HINT"]
 
 
 def blas_info() -> str:
-    """Return the BLAS numpy was built with, e.g. 'scipy-openblas 0.3.29'."""
+    """The BLAS numpy was built with and, for OpenBLAS, the core its kernels are for, e.g.
+    'scipy-openblas 0.3.29, core Haswell (the CPU has AVX-512: OPENBLAS_CORETYPE=SkylakeX
+    uses it)'."""
     import numpy as np
 
     try:
         config = np.show_config(mode="dicts")
-        blas = config["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+        built = config["Build Dependencies"]["blas"]
+        text = f"{built.get('name', '?')} {built.get('version', '')}".strip()
     except Exception:  # older numpy has no dict mode; the report is informational only
         return "unknown"
+    core = blas.openblas_core()
+    if core is None:
+        return text
+    text += f", core {core}"
+    better = blas.better_openblas_core()
+    if better:
+        text += f" (the CPU has AVX-512: OPENBLAS_CORETYPE={better} uses it)"
+    return text
 
 
 def kernels_info() -> str:

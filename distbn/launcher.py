@@ -203,7 +203,7 @@ def run_mpiexec(nprocs: int, argv, *, mpiexec: str | None = None, hostfile: str 
     Args:
         nprocs, argv, mpiexec, hostfile, tag_output: as `distbn.mpiexec.mpiexec_command`.
         env: the base environment (default os.environ); thread variables the user set
-            are kept (`one_thread_env`).
+            are kept (`rank_env`).
         **kwargs: passed to `run_group`.
 
     Returns:
@@ -212,8 +212,8 @@ def run_mpiexec(nprocs: int, argv, *, mpiexec: str | None = None, hostfile: str 
     Raises:
         FileNotFoundError: no mpiexec found.
     """
-    from distbn.mpiexec import mpiexec_command, one_thread_env
+    from distbn.mpiexec import mpiexec_command, rank_env
 
     cmd = mpiexec_command(nprocs, list(argv), mpiexec=mpiexec, hostfile=hostfile,
                           tag_output=tag_output)
-    return run_group(cmd, env=one_thread_env(env), **kwargs)
+    return run_group(cmd, env=rank_env(env, local=hostfile is None), **kwargs)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from distbn.launcher import run_group
-from distbn.mpiexec import mpiexec_command, one_thread_env
+from distbn.mpiexec import mpiexec_command, rank_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def mpiexec_python(nprocs: int, args, timeout: float = 60, via_mpi4py: bool = Tr
 def run(cmd, timeout: float, cwd=None, env=None) -> Result:
     """Run `cmd` in its own process group, stopped whole after `timeout` seconds
     (`distbn.launcher`'s policy: SIGTERM to the group, a grace period, SIGKILL)."""
-    full_env = one_thread_env(env)
+    full_env = rank_env(env)
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.pop("DISTBN_CHECK_COLLECTIVES", None)
     res = run_group(cmd, cwd=cwd or REPO, env=full_env, timeout=timeout,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from distbn.mpiexec import mpiexec_command, one_thread_env
+from distbn.mpiexec import mpiexec_command, rank_env
 
 REPO = Path(__file__).resolve().parent.parent
 HARD_TIMEOUT = 60  # kill the job after this long (a hang)
@@ -38,7 +38,7 @@ class Run:
 
 def launch(script: Path, nprocs: int = 2, via_mpi4py: bool = False) -> Run:
     argv = [sys.executable, *(["-m", "mpi4py"] if via_mpi4py else []), str(script)]
-    env = one_thread_env()
+    env = rank_env()
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("DISTBN_CHECK_COLLECTIVES", None)
     start = time.monotonic()

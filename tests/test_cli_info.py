@@ -45,3 +45,38 @@ def test_info_without_a_loadable_mpi_still_reports_the_rest():
     assert "MPI library  not loadable (" in out.stdout and "/nonexistent/libmpi" in out.stdout
     assert "MPI4PY_LIBMPI" in out.stdout and "module load" in out.stdout
     assert "world size   1" in out.stdout
+
+
+def test_blas_info_names_the_openblas_core_and_an_avx512_cpu_it_does_not_use(monkeypatch):
+    from distbn import blas, info
+
+    core = blas.openblas_core()
+    if "openblas" in info.blas_info().split(",")[0]:
+        assert core and core in info.blas_info()  # this numpy's own OpenBLAS answers
+    monkeypatch.setattr(blas, "openblas_core", lambda: "Haswell")
+    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
+    assert info.blas_info().endswith(
+        ", core Haswell (the CPU has AVX-512: OPENBLAS_CORETYPE=SkylakeX uses it)")
+    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: False)
+    assert info.blas_info().endswith(", core Haswell")
+    monkeypatch.setattr(blas, "openblas_core", lambda: "SkylakeX")
+    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
+    assert info.blas_info().endswith(", core SkylakeX")
+
+
+def test_ranks_on_this_machine_get_the_better_openblas_core_unless_the_user_chose(
+        monkeypatch):
+    from distbn import blas
+    from distbn.mpiexec import rank_env
+
+    monkeypatch.setattr(blas, "openblas_core", lambda: "Haswell")
+    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
+    assert rank_env({})["OPENBLAS_CORETYPE"] == "SkylakeX"
+    assert rank_env({"OPENBLAS_CORETYPE": "Haswell"})["OPENBLAS_CORETYPE"] == "Haswell"
+    assert "OPENBLAS_CORETYPE" not in rank_env({}, local=False)  # other hosts, other CPUs
+    assert rank_env({})["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: False)
+    assert "OPENBLAS_CORETYPE" not in rank_env({})
+    monkeypatch.setattr(blas, "openblas_core", lambda: None)  # not an OpenBLAS
+    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
+    assert "OPENBLAS_CORETYPE" not in rank_env({})

@@ -198,12 +198,12 @@ def test_ranks_stop_with_a_checkpoint_when_distbn_launch_is_killed(tmp_path, tin
 
     from cli_helpers import REPO
 
-    from distbn.mpiexec import one_thread_env
+    from distbn.mpiexec import rank_env
 
     out_dir = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "distbn", "launch", "-n", "2", str(tiny),
                              "--set", "train.steps=100000", "--run-dir", str(out_dir)],
-                            cwd=REPO, env=one_thread_env(), stdout=subprocess.PIPE,
+                            cwd=REPO, env=rank_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 90
     while not (out_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:

@@ -19,7 +19,7 @@ import time
 import pytest
 from cli_helpers import REPO, distbn, run
 
-from distbn.mpiexec import mpiexec_command, one_thread_env
+from distbn.mpiexec import mpiexec_command, rank_env
 
 ABORT_WITHIN = 20  # s: an exception on one rank ends the job
 KILL_WITHIN = 30  # s: a SIGKILLed rank ends the job
@@ -136,7 +136,7 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path, tiny, victim):
     out = tmp_path / "sigkill-run"
     cmd = [sys.executable, "-m", "distbn", "launch", "-n", "2", str(tiny), "--run-dir",
            str(out), "--set", "train.steps=100000", "--set", "data.n_train=256"]
-    env = one_thread_env(env_with(PYTHONUNBUFFERED="1"))
+    env = rank_env(env_with(PYTHONUNBUFFERED="1"))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cli_helpers import REPO, distbn
 
-from distbn.mpiexec import one_thread_env
+from distbn.mpiexec import rank_env
 
 SMALL = ["--set", "model.dtype=float64", "--set", "data.n_train=512", "--set",
          "data.n_test=64", "--set", "train.global_batch_size=31", "--set",
@@ -100,7 +100,7 @@ def test_sigterm_checkpoints_and_the_rerun_is_bitwise_identical(tmp_path):
     run_dir = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "distbn", "launch", "-n", "2", "configs/quickstart.yaml",
            *SMALL, *steps, "--run-dir", str(run_dir)]
-    env = one_thread_env()
+    env = rank_env()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = run_dir / "checkpoints" / "step-00000005"

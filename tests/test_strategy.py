@@ -18,7 +18,7 @@ from distbn.distribute import strategy as strategy_mod
 from distbn.distribute.abort import format_rank_traceback
 from distbn.distribute.check import CollectiveMismatchError, Descriptor, check_from_env, verify
 from distbn.distribute.launch import launched_world_size
-from distbn.mpiexec import mpiexec_command, one_thread_env
+from distbn.mpiexec import mpiexec_command, rank_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -304,7 +304,7 @@ def test_default_strategy_under_plain_mpiexec():
     for n, want in ((2, {"MPIStrategy 2 0 True", "MPIStrategy 2 1 True"}),
                     (1, {"LocalStrategy 1 0 False"})):
         cmd = mpiexec_command(n, [sys.executable, "-c", code])
-        proc = subprocess.run(cmd, cwd=REPO, env=one_thread_env(clean_env()),
+        proc = subprocess.run(cmd, cwd=REPO, env=rank_env(clean_env()),
                               capture_output=True, text=True, timeout=60)
         got = {ln.split(" ", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith("RESULT")}
         assert proc.returncode == 0 and got == want, (proc.stdout, proc.stderr)

@@ -197,11 +197,11 @@ def launch_all(suites, ranks, mode: str, out_dir, scaling_config=None, mpiexec=N
     Returns:
         (merged results or None if no run succeeded, list of failure messages).
     """
-    from distbn.mpiexec import mpiexec_command, one_thread_env
+    from distbn.mpiexec import mpiexec_command, rank_env
 
     log = sys.stderr if log is None else log
     out_dir = Path(out_dir)
-    env = one_thread_env()
+    env = rank_env()
     env["PYTHONUNBUFFERED"] = "1"
     cpus = os.cpu_count() or 1
     parts, failures = [], []

@@ -1084,7 +1084,7 @@ def _launch_part(args, part, ranks, out, deadline) -> int:
     group is killed when `deadline` passes.
     """
     from distbn.launcher import run_group
-    from distbn.mpiexec import mpiexec_command, one_thread_env
+    from distbn.mpiexec import mpiexec_command, rank_env
 
     if part == "modes":
         try:
@@ -1100,7 +1100,7 @@ def _launch_part(args, part, ranks, out, deadline) -> int:
     print(f"{_PREFIX}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     # Its own process group: on timeout or Ctrl-C the whole group (mpiexec and every
     # rank) is stopped (distbn.launcher's policy).
-    res = run_group(cmd, env=one_thread_env(), timeout=max(deadline - time.monotonic(), 0.1))
+    res = run_group(cmd, env=rank_env(), timeout=max(deadline - time.monotonic(), 0.1))
     if res.timed_out:
         print(f"{_PREFIX}: error: {what} passed --timeout {args.timeout:g} s and was killed",
               file=sys.stderr, flush=True)

@@ -130,8 +130,11 @@ class Conv2D(Layer):
         self.losses = self.regularization_losses()
         return _common.from_channels_last(y, self.data_format)
 
-    def backward(self, dy):
-        """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients)."""
+    input_grad_optional = True
+
+    def backward(self, dy, input_grad=True):
+        """Input gradient (None with `input_grad=False`); sets kernel.grad and bias.grad
+        (plus regularizer gradients)."""
         if self._cache is None:
             raise RuntimeError(f"Conv2D {self.name!r}: backward called before a forward call")
         conv_cache, saved = self._cache
@@ -139,7 +142,9 @@ class Conv2D(Layer):
         dz = self.activation.backward_from(dy, saved)
         kernel = _common.cast(self.kernel.value, self.compute_dtype)
         n, h, w, c = conv_cache[0].shape
-        if self.data_format == "channels_first":
+        if not input_grad:
+            dx, dkernel = conv_ops.conv2d_backward(dz, conv_cache, kernel, input_grad=False)
+        elif self.data_format == "channels_first":
             # The gradient is written in NCHW through a channels-last view: no copy after.
             dx = np.empty((n, c, h, w), dtype=dz.dtype)
             _, dkernel = conv_ops.conv2d_backward(dz, conv_cache, kernel,

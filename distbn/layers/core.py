@@ -95,8 +95,11 @@ class Dense(Layer):
         self.losses = self.regularization_losses()
         return y
 
-    def backward(self, dy):
-        """Input gradient; sets kernel.grad and bias.grad (plus regularizer gradients)."""
+    input_grad_optional = True
+
+    def backward(self, dy, input_grad=True):
+        """Input gradient (None with `input_grad=False`); sets kernel.grad and bias.grad
+        (plus regularizer gradients)."""
         if self._cache is None:
             raise RuntimeError(f"Dense {self.name!r}: backward called before a forward call")
         x, saved = self._cache
@@ -107,6 +110,8 @@ class Dense(Layer):
         if self.use_bias:
             self.bias.grad = dz2.sum(axis=0).astype(self.bias.dtype)
         self.add_regularization_grads()
+        if not input_grad:
+            return None
         return dz @ _common.cast(self.kernel.value, self.compute_dtype).T
 
     def compute_output_shape(self, input_shape):
