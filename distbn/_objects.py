@@ -1,15 +1,35 @@
-"""Shared `get`/`serialize` plumbing for initializers, regularizers and constraints.
+"""Shared plumbing of the configurable object families: initializers, regularizers,
+constraints and learning-rate schedules.
 
-Keras 3 names these objects by a string (class name or snake_case alias), by a
-serialized dict `{"module", "class_name", "config", "registered_name"}`, or by the
-object itself; distbn resolves all three the same way for each family.
+`Configurable` gives each family's base class Keras' `get_config` / `from_config` and a
+`__repr__` built from the config. Keras 3 names initializers, regularizers and
+constraints by a string (class name or snake_case alias), by a serialized dict
+`{"module", "class_name", "config", "registered_name"}`, or by the object itself;
+`resolve` and `serialize` handle all three the same way for each family.
 """
 
 from __future__ import annotations
 
 import inspect
 
-__all__ = ["resolve", "serialize"]
+__all__ = ["Configurable", "resolve", "serialize"]
+
+
+class Configurable:
+    """Base of an object family whose constructor arguments are its config."""
+
+    def get_config(self) -> dict:
+        """The constructor arguments (JSON-serializable); subclasses add theirs."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """Rebuild from `get_config()`'s output."""
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
 
 
 def resolve(identifier, table: dict, kind: str, module: str):

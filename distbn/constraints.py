@@ -21,24 +21,11 @@ def _axis(axis):
     return tuple(axis) if isinstance(axis, list) else axis
 
 
-class Constraint:
+class Constraint(_objects.Configurable):
     """Base class: `projected = constraint(w)`; the identity by default."""
 
     def __call__(self, w) -> np.ndarray:
         return np.asarray(w)
-
-    def get_config(self) -> dict:
-        """The constructor arguments."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        """Rebuild from `get_config()`'s output."""
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 def _norms(w, axis):

@@ -58,24 +58,11 @@ def _dtype(dtype) -> np.dtype:
     return np.dtype("float32" if dtype is None else dtype)
 
 
-class Initializer:
+class Initializer(_objects.Configurable):
     """Base class: `init(shape, dtype=None) -> np.ndarray`, plus `get_config`."""
 
     def __call__(self, shape, dtype=None) -> np.ndarray:
         raise NotImplementedError
-
-    def get_config(self) -> dict:
-        """The constructor arguments (JSON-serializable)."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        """Rebuild from `get_config()`'s output."""
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 class Zeros(Initializer):

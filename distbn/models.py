@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from distbn.layers import registry
-from distbn.layers.base import Layer, Variable, _unique_name
+from distbn.layers.base import Layer, Variable
+from distbn.layers.base import unique_name as _unique_name
 
 __all__ = ["INPUT", "Model", "Sequential"]
 

@@ -7,11 +7,10 @@ L1 `l1 * sum(|x|)`, L2 `l2 * sum(x**2)` (no 1/2), L1L2 their sum.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from distbn import _objects
+from distbn.checks import check_number
 
 __all__ = ["Regularizer", "L1", "L2", "L1L2", "get", "serialize"]
 
@@ -19,13 +18,10 @@ _MODULE = "keras.regularizers"
 
 
 def _factor(value, name: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a non-negative finite float, got {name}={value!r}")
-    return float(value)
+    return check_number(value, name, low=0)
 
 
-class Regularizer:
+class Regularizer(_objects.Configurable):
     """Base class: `penalty = reg(value)`, `reg.gradient(value)`, `get_config()`."""
 
     def __call__(self, x) -> float:
@@ -34,19 +30,6 @@ class Regularizer:
     def gradient(self, x) -> np.ndarray:
         """d penalty / d x, same shape and dtype as `x`."""
         return np.zeros_like(np.asarray(x))
-
-    def get_config(self) -> dict:
-        """The constructor arguments."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        """Rebuild from `get_config()`'s output."""
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 class L1L2(Regularizer):

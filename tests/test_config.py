@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distbn.train import builder, optimizers, schedules
 from distbn.train.config import (
     Config,
     ConfigError,
@@ -81,9 +82,9 @@ def test_base_values_and_defaults():
 
 def test_unknown_nested_key_names_path_suggestion_and_line():
     msg = error_of(edit("learning_rate: 0.1", "learnig_rate: 0.1"))
-    assert msg == (f"config.yaml:{LINE['learning_rate']}: unknown key "
-                   "'train.optimizer.learnig_rate' "
-                   "(did you mean 'train.optimizer.learning_rate'?)")
+    assert msg == (f"config.yaml:{LINE['learning_rate']}: train.optimizer.learnig_rate: "
+                   "unknown argument 'learnig_rate' for optimizer 'sgd' "
+                   "(did you mean 'learning_rate'?)")
 
 
 def test_unknown_key_without_close_match_lists_known_keys():
@@ -107,9 +108,11 @@ def test_unknown_top_level_key():
     ("global_batch_size: 32", "global_batch_size: '32'",
      "train.global_batch_size: expected an int, got '32'"),
     ("learning_rate: 0.1", "learning_rate: fast",
-     "train.optimizer.learning_rate: expected a number, got 'fast'"),
+     "train.optimizer.learning_rate: SGD: learning_rate must be a non-negative finite float, "
+     "got learning_rate='fast'"),
     ("learning_rate: 0.1", "learning_rate: [0.1]",
-     "train.optimizer.learning_rate: expected a number, got [0.1]"),
+     "train.optimizer.learning_rate: expected a number (a schedule goes in "
+     "train.optimizer.schedule), got [0.1]"),
     ("epochs: 2", "epochs: two", "train.epochs: expected an int or null, got 'two'"),
 ])
 def test_wrong_type_names_path_value_and_line(old, new, expected):
@@ -119,19 +122,20 @@ def test_wrong_type_names_path_value_and_line(old, new, expected):
 
 def test_int_accepted_for_float_and_1e_notation_is_a_float():
     config = parse(edit("learning_rate: 0.1", "learning_rate: 1"))
-    assert config.train.optimizer.learning_rate == 1.0
-    assert isinstance(config.train.optimizer.learning_rate, float)
+    assert config.train.optimizer.learning_rate == 1  # as written; the optimizer's float:
+    rate = builder.build_optimizer(config.train.optimizer, 10).learning_rate
+    assert rate == 1.0 and isinstance(rate, float)
     config = parse(edit("learning_rate: 0.1", "learning_rate: 1e-3"))
     assert config.train.optimizer.learning_rate == 1e-3
 
 
 @pytest.mark.parametrize("old,new,line,expected", [
     ("learning_rate: 0.1", "learning_rate: -0.1", 16,
-     "train.optimizer.learning_rate: must be > 0, got -0.1"),
+     "train.optimizer.learning_rate: SGD: learning_rate must be a non-negative finite float, got learning_rate=-0.1"),
     ("learning_rate: 0.1", "learning_rate: .inf", 16,
-     "train.optimizer.learning_rate: must be a finite number, got inf"),
+     "train.optimizer.learning_rate: SGD: learning_rate must be a non-negative finite float, got learning_rate=inf"),
     ("learning_rate: 0.1", "learning_rate: 0.1\n    momentum: 1.0", 17,
-     "train.optimizer.momentum: must be in [0, 1), got 1.0"),
+     "train.optimizer.momentum: SGD: momentum must be a float in [0, 1), got momentum=1.0"),
     ("global_batch_size: 32", "global_batch_size: 0", 12,
      "train.global_batch_size: must be >= 1, got 0"),
     ("name: sgd", "name: adma", 15,
@@ -258,7 +262,8 @@ def test_set_unknown_path():
     assert error_of(overrides=["train.stepz=3"]) == \
         "--set train.stepz=3: unknown key 'train.stepz' (did you mean 'train.steps'?)"
     msg = error_of(overrides=["train.optimizer.foo.bar=1"])
-    assert msg.startswith("--set train.optimizer.foo.bar=1: unknown key 'train.optimizer.foo'")
+    assert msg.startswith("--set train.optimizer.foo.bar=1: train.optimizer.foo: unknown "
+                          "argument 'foo' for optimizer 'sgd'")
 
 
 def test_set_wrong_type_and_range():
@@ -266,7 +271,7 @@ def test_set_wrong_type_and_range():
         "--set train.steps=abc: train.steps: expected an int or null, got 'abc'"
     assert error_of(overrides=["train.optimizer.learning_rate=-0.1"]) == (
         "--set train.optimizer.learning_rate=-0.1: train.optimizer.learning_rate: "
-        "must be > 0, got -0.1")
+        "SGD: learning_rate must be a non-negative finite float, got learning_rate=-0.1")
     assert "malformed" in error_of(overrides=["seed=[1"])
 
 
@@ -344,13 +349,86 @@ def test_data_cross_checks(tmp_path, monkeypatch):
 
 
 def test_schedule_and_strategy_checks():
-    assert "decay_steps: required when schedule.name is 'step'" in \
+    assert "train.optimizer.schedule.decay_steps: required for schedule 'step'" in \
         error_of(overrides=["train.optimizer.schedule.name=step"])
     assert parse(overrides=["strategy.sync_group=2"]).strategy.sync_group == 2
     assert "must be >= 1, got 0" in error_of(overrides=["strategy.sync_group=0"])
     assert "did you mean 'node'" in error_of(overrides=["strategy.sync_group=nod"])
     assert "expected an int or one of 'node' or null, got True" in \
         error_of(overrides=["strategy.sync_group=true"])
+
+
+# --- typed optimizer and schedule entries ------------------------------------------------
+
+@pytest.mark.parametrize("optimizer,expected", [
+    # An argument the chosen class does not take, once silently ignored:
+    ("{name: adam, momentum: 0.5}",
+     "train.optimizer.momentum: unknown argument 'momentum' for optimizer 'adam' (accepted: "
+     "learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay, name, global_clipnorm, "
+     "schedule; 'momentum' is an argument of 'sgd')"),
+    ("{name: adamw, nesterov: true}",
+     "train.optimizer.nesterov: unknown argument 'nesterov' for optimizer 'adamw'"),
+    ("{name: sgd, beta_1: 0.5}", "'beta_1' is an argument of 'adam' and 'adamw'"),
+    ("{name: sgd, schedul: {}}", "train.optimizer.schedul: unknown argument 'schedul' for "
+     "optimizer 'sgd' (did you mean 'schedule'?)"),
+    ("{name: sgd, schedule: {name: constant, alpha: 0.1}}",
+     "train.optimizer.schedule.alpha: unknown argument 'alpha' for schedule 'constant' "
+     "(accepted: warmup_steps, warmup_from, name; 'alpha' is an argument of 'cosine')"),
+    ("{name: sgd, schedule: {name: cosine, decay_rate: 0.5}}",
+     "(did you mean 'decay_steps'? 'decay_rate' is an argument of 'step')"),
+    # Bounds are the constructors' own checks, quoted with the class:
+    ("{name: adam, beta_2: 1.0}",
+     "train.optimizer.beta_2: Adam: beta_2 must be a float in [0, 1), got beta_2=1.0"),
+    ("{name: sgd, nesterov: 1}", "train.optimizer.nesterov: SGD: nesterov must be a bool, "
+     "got nesterov=1"),
+    ("{name: sgd, schedule: {name: step, decay_steps: 0}}",
+     "train.optimizer.schedule.decay_steps: StepDecay: decay_steps must be a positive "
+     "integer, got decay_steps=0"),
+    ("{name: sgd, schedule: {name: cosine, alpha: 2}}",
+     "train.optimizer.schedule.alpha: CosineDecay: alpha must be a float in [0, 1], got "
+     "alpha=2"),
+    ("{name: sgd, schedule: {warmup_steps: -1}}",
+     "train.optimizer.schedule.warmup_steps: Constant: warmup_steps must be a non-negative "
+     "integer, got warmup_steps=-1"),
+    ("{name: sgd, global_clipnorm: 0}", "train.optimizer.global_clipnorm: global_clipnorm "
+     "must be a positive finite float, got global_clipnorm=0.0"),
+])
+def test_optimizer_and_schedule_are_checked_by_their_constructors(optimizer, expected):
+    msg = error_of(overrides=[f"train.optimizer={optimizer}"])
+    assert msg.startswith(f"--set train.optimizer={optimizer}: "), msg
+    assert expected in msg, msg
+
+
+def test_typed_entry_error_names_the_yaml_line():
+    msg = error_of(edit("learning_rate: 0.1", "learning_rate: 0.1\n    momentum: 0.5",
+                        edit("name: sgd", "name: adam")))
+    assert msg.startswith(f"config.yaml:{LINE['learning_rate'] + 1}: "
+                          "train.optimizer.momentum: unknown argument 'momentum' for "
+                          "optimizer 'adam'"), msg
+
+
+def test_optimizer_entry_defaults_arguments_and_build():
+    opt = parse().train.optimizer
+    # The config's defaults where they differ from Keras' (sgd momentum 0.9) are written
+    # out; every other argument is the constructor's default.
+    assert opt.kwargs == {"learning_rate": 0.1, "momentum": 0.9}
+    assert opt.momentum == 0.9 and opt.nesterov is False and opt.weight_decay is None
+    with pytest.raises(AttributeError, match="no argument 'beta_1'"):
+        opt.beta_1
+    assert parse_config({"model": {"layers": [{"type": "Dense", "units": 2}]}}) \
+        .train.optimizer == parse(overrides=["train.optimizer={}"]).train.optimizer \
+        .__class__()
+    config = parse(overrides=["train.optimizer={name: adam, amsgrad: true, epsilon: 0.0, "
+                              "schedule: {name: cosine, warmup_steps: 2, warmup_from: 0.01}}"])
+    built = builder.build_optimizer(config.train.optimizer, 12)
+    assert type(built) is optimizers.Adam and built.amsgrad and built.epsilon == 0.0
+    sched = built.schedule
+    assert type(sched) is schedules.CosineDecay and sched.decay_steps == 10  # 12 - warm-up
+    assert sched.warmup_from == 0.01 and sched.initial == 0.01  # the config's default
+    adamw = parse(overrides=["train.optimizer.name=adamw"]).train.optimizer
+    assert builder.build_optimizer(adamw, 5).weight_decay == 0.0  # the config's default
+    assert parse_config(config.to_dict()) == config
+    assert parse_config(config_to_yaml(config)) == config
 
 
 @pytest.mark.parametrize("layers,expected", [

@@ -11,6 +11,7 @@ import pytest
 
 from distbn.layers import registry
 from distbn.train import config as cfg
+from distbn.train import entries, optimizers, schedules
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
 # Every name the page uses, in tables, prose or examples.
@@ -70,3 +71,13 @@ def test_every_choice_is_documented():
                 for choice in choices:
                     assert choice in CODE_NAMES, (
                         f"docs/configuration.md lacks `{choice}` ({prefix}{f.name})")
+
+
+@pytest.mark.parametrize("kind,name", [("optimizer", n) for n in cfg.OPTIMIZER_DEFAULTS]
+                         + [("schedule", n) for n in cfg.SCHEDULE_DEFAULTS])
+def test_every_optimizer_and_schedule_argument_is_documented(kind, name):
+    # Typed entries: the constructor's signature is the list of keys.
+    cls = (optimizers if kind == "optimizer" else schedules).get_class(name)
+    assert name in CODE_NAMES, f"docs/configuration.md lacks {kind} `{name}`"
+    for arg in entries.accepted_arguments(cls)[0]:
+        assert arg in CODE_NAMES, f"docs/configuration.md lacks argument `{arg}` of {name}"

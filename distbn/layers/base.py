@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-__all__ = ["Variable", "Layer"]
+__all__ = ["Variable", "Layer", "snake_case", "unique_name"]
 
 
 class Variable:
@@ -71,8 +71,9 @@ class Variable:
         return f"<Variable {self.path!r} shape={self.shape} dtype={self.dtype}>"
 
 
-def _snake_case(name: str) -> str:
-    # Keras' naming rule: "Conv2D" -> "conv2d", "MaxPooling2D" -> "max_pooling2d".
+def snake_case(name: str) -> str:
+    """Keras' naming rule for a class name: "Conv2D" -> "conv2d", "MaxPooling2D" ->
+    "max_pooling2d" (layer names, and the config builder's per-model names)."""
     name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
@@ -80,8 +81,9 @@ def _snake_case(name: str) -> str:
 _NAME_COUNTS: collections.Counter = collections.Counter()
 
 
-def _unique_name(base: str) -> str:
-    """Keras-style automatic names: 'dense', 'dense_1', 'dense_2', ..."""
+def unique_name(base: str) -> str:
+    """Keras-style automatic names, process-wide: 'dense', 'dense_1', 'dense_2', ...
+    (layers and models)."""
     n = _NAME_COUNTS[base]
     _NAME_COUNTS[base] += 1
     return base if n == 0 else f"{base}_{n}"
@@ -116,7 +118,7 @@ class Layer:
             )
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self.name = name if name is not None else _unique_name(_snake_case(type(self).__name__))
+        self.name = name if name is not None else unique_name(snake_case(type(self).__name__))
         self.dtype_policy = _parse_dtype(dtype)
         self._trainable = bool(trainable)
         self._weights: list[Variable] = []

@@ -8,16 +8,15 @@ decides collectively whether all of them succeeded. Problems in the model sectio
 from __future__ import annotations
 
 import contextlib
-import difflib
-import inspect
 
 import numpy as np
 
 from distbn import random as _random
 from distbn.layers import activations, registry
-from distbn.layers.base import _snake_case
+from distbn.layers.base import snake_case
 from distbn.models import Model, Sequential
 from distbn.train import data as _data
+from distbn.train import entries
 from distbn.train import losses as _losses
 from distbn.train import optimizers as _optimizers
 from distbn.train import schedules as _schedules
@@ -102,36 +101,6 @@ def load_dataset(config) -> Dataset:
                    mask_train=mask_train, mask_test=mask_test)
 
 
-def _accepted_arguments(cls) -> tuple[list[str], bool]:
-    """Keyword arguments `cls(...)` accepts, following `**kwargs` up the MRO.
-
-    Returns:
-        (names, open): open is True when some __init__ takes **kwargs that no base
-        class consumes, i.e. any name is accepted.
-    """
-    names: list[str] = []
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [p.name for p in params if p.name != "self" and p.kind in
-                  (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return names, False
-        if klass.__name__ == "Layer":  # Layer's **kwargs only exists to reject extras
-            return names, False
-    return names, True
-
-
-def _blame(message: str, kwargs: dict):
-    """The argument an error message is about ("momentum=1.5" names momentum), or None."""
-    for key in kwargs:
-        if f"{key}=" in message or message.startswith(f"{key} "):
-            return key
-    return None
-
-
 def layer_kwargs(spec, model_config) -> tuple[type, dict]:
     """Resolve one `model.layers` entry to its class and constructor arguments.
 
@@ -149,17 +118,12 @@ def layer_kwargs(spec, model_config) -> tuple[type, dict]:
         cls = registry.get_layer_class(spec.type)
     except ValueError as err:
         raise spec.error("type", str(err)) from None
-    accepted, open_kwargs = _accepted_arguments(cls)
+    accepted, open_kwargs = entries.accepted_arguments(cls)
     kwargs = dict(spec.kwargs)
     kwargs.pop(INPUTS_KEY, None)  # the model's wiring, not the layer's (see build_model)
     if not open_kwargs:
-        for key in kwargs:
-            if key not in accepted:
-                close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]!r}?" if close else \
-                    "accepted: " + ", ".join(accepted)
-                raise spec.error(key, f"unknown argument {key!r} for layer type "
-                                      f"{spec.type!r} ({hint})")
+        entries.check_arguments(spec, kwargs, accepted, f"layer type {spec.type!r}",
+                                required=entries.required_arguments(cls))
     if "dtype" in kwargs and kwargs["dtype"] != model_config.dtype:
         # One dtype per model: mixing would silently cast activations between layers.
         raise spec.error("dtype", f"layers take model.dtype ({model_config.dtype!r}); "
@@ -207,9 +171,9 @@ def _auto_names(specs) -> list[str]:
             names.append(spec.kwargs["name"])
             continue
         try:
-            base = _snake_case(registry.get_layer_class(spec.type).__name__)
+            base = snake_case(registry.get_layer_class(spec.type).__name__)
         except ValueError:
-            base = _snake_case(spec.type)  # reported properly by layer_kwargs
+            base = snake_case(spec.type)  # reported properly by layer_kwargs
         while True:
             n = counts.get(base, 0)
             counts[base] = n + 1
@@ -247,10 +211,7 @@ def build_model(config, input_shape, num_classes=None, strategy=None) -> Sequent
         for spec, name in zip(specs, names, strict=True):
             cls, kwargs = layer_kwargs(spec, config.model)
             kwargs["name"] = name
-            try:
-                layers.append(cls(**kwargs))
-            except (TypeError, ValueError, NotImplementedError) as err:
-                raise spec.error(_blame(str(err), spec.kwargs), f"{spec.type}: {err}") from None
+            layers.append(entries.construct(spec, cls, kwargs, spec.type, keys=spec.kwargs))
     dups = [s for s, n in zip(specs, names, strict=True) if names.count(n) > 1]
     if dups:
         dup = next((s for s in dups if "name" in s.kwargs), dups[0])
@@ -328,7 +289,8 @@ def total_steps(config, n_train) -> int:
 
 
 def build_schedule(optimizer_config, steps) -> _schedules.LearningRateSchedule:
-    """The learning-rate schedule of `train.optimizer`.
+    """The learning-rate schedule of `train.optimizer` (its `schedule` entry, with the
+    optimizer's `learning_rate` as the base rate).
 
     Args:
         optimizer_config: an `OptimizerConfig`.
@@ -338,14 +300,10 @@ def build_schedule(optimizer_config, steps) -> _schedules.LearningRateSchedule:
     Returns:
         A `LearningRateSchedule`.
     """
-    s, lr = optimizer_config.schedule, optimizer_config.learning_rate
-    if s.name == "constant":
-        return _schedules.Constant(lr, warmup_steps=s.warmup_steps)
-    if s.name == "step":
-        return _schedules.StepDecay(lr, s.decay_steps, decay_rate=s.decay_rate,
-                                    warmup_steps=s.warmup_steps)
-    decay = s.decay_steps if s.decay_steps is not None else max(steps - s.warmup_steps, 1)
-    return _schedules.CosineDecay(lr, decay, alpha=s.alpha, warmup_steps=s.warmup_steps)
+    s = optimizer_config.schedule
+    cls = _schedules.get_class(s.name)
+    return entries.construct(s, cls, s.arguments(optimizer_config.learning_rate, steps),
+                             cls.__name__, keys=s.kwargs)
 
 
 def build_optimizer(optimizer_config, steps) -> _optimizers.Optimizer:
@@ -359,16 +317,9 @@ def build_optimizer(optimizer_config, steps) -> _optimizers.Optimizer:
         An `Optimizer`.
     """
     o = optimizer_config
-    lr = build_schedule(o, steps)
-    decay = o.weight_decay or None
-    if o.name == "sgd":
-        return _optimizers.SGD(learning_rate=lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=decay)
-    if o.name == "adam":
-        return _optimizers.Adam(learning_rate=lr, beta_1=o.beta_1, beta_2=o.beta_2,
-                                epsilon=o.epsilon, weight_decay=decay)
-    return _optimizers.AdamW(learning_rate=lr, weight_decay=o.weight_decay, beta_1=o.beta_1,
-                             beta_2=o.beta_2, epsilon=o.epsilon)
+    cls = _optimizers.get_class(o.name)
+    return entries.construct(o, cls, o.arguments(build_schedule(o, steps)), cls.__name__,
+                             keys=o.kwargs)
 
 
 def build_loss(train_config, num_classes, dtype):

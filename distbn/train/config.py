@@ -1,22 +1,32 @@
-"""The trainer's YAML configuration: safe loading with line numbers, schema, overrides.
+"""The trainer's configuration: validation with line numbers, typed entries, overrides.
 
-A config is read with a `SafeLoader` subclass that builds plain values itself and
-records the line of every key, refuses duplicate keys and every tag beyond plain
-mappings, lists, strings, numbers, booleans and null (so `!!python/...` executes
-nothing). Numbers such as `1e-3` are floats (YAML 1.2), not strings as in plain PyYAML.
+A config is read by `yaml_io.load_yaml` (safe: plain values only, duplicate keys refused,
+the line of every key recorded; `1e-3` is a float, as in YAML 1.2).
 
 `--set a.b.c=VALUE` overrides are parsed as YAML values and applied to the raw mapping
 before validation, so they meet exactly the checks the file does. Validation turns the
 mapping into frozen dataclasses (`Config` and its sections); every error is a
 `ConfigError` whose message starts with where the offending value came from:
 
-    config.yaml:12: train.optimizer.learning_rate: must be > 0, got -0.1
+    config.yaml:12: train.global_batch_size: must be >= 1, got 0
     --set train.stepz=3: unknown key 'train.stepz' (did you mean 'train.steps'?)
 
 `epochs` versus `steps`: giving both in one place (both in the file, or both as
 overrides) is an error. An override that sets one of them to a value clears the other
 if that came from the file, so `--set train.steps=12` on a file with `epochs: 5` trains
 for 12 steps. Giving neither means `epochs: 1`.
+
+Typed entries (`model.layers` items, `train.optimizer`, its `schedule`) name a class and
+give its constructor's arguments; the optimizer and the schedule are checked here by
+their constructors (`distbn.train.entries`), the layers when the model is built:
+
+    config.yaml:15: train.optimizer.momentum: unknown argument 'momentum' for optimizer
+    'adam' (accepted: ...; 'momentum' is an argument of 'sgd')
+
+The module is the validation, the overrides and the entry points; the schema (the
+dataclasses) is `distbn.train.config_schema`, the YAML reading and writing
+`distbn.train.yaml_io`, the typed-entry checks `distbn.train.entries`. Their public
+names are importable from here.
 """
 
 from __future__ import annotations
@@ -24,18 +34,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import os
 import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Literal, Union
 
-import yaml
+from distbn.train import entries, optimizers, schedules
+from distbn.train.config_schema import (
+    OPTIMIZER_DEFAULTS,
+    SCHEDULE_DEFAULTS,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LayerSpec,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PreciseBNConfig,
+    ScheduleConfig,
+    StrategyConfig,
+    TrainConfig,
+    _fields,
+    layer_path,
+)
+from distbn.train.yaml_io import ConfigError, config_hash, config_to_yaml, format_path, load_yaml
 
 __all__ = [
     "ConfigError",
@@ -46,6 +71,7 @@ __all__ = [
     "TrainConfig",
     "OptimizerConfig",
     "ScheduleConfig",
+    "PreciseBNConfig",
     "StrategyConfig",
     "CheckpointConfig",
     "LoggingConfig",
@@ -59,542 +85,6 @@ __all__ = [
 ]
 
 Path = tuple  # of str (mapping keys) and int (list indices)
-
-_YAML = "tag:yaml.org,2002:"
-_PLAIN_TAGS = {_YAML + t for t in ("null", "bool", "int", "float", "str")}
-# YAML 1.2 floats without a dot or without an exponent sign (1e-3, 1.0e5, 2E+4), which
-# YAML 1.1 (and so PyYAML) would load as strings.
-_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-# Alias expansion can blow a small file up exponentially; no real config comes close.
-_MAX_NODES = 100_000
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with where the value came from.
-
-    Attributes:
-        location: "file:line", "--set KEY=VALUE" or the source name; None if unknown.
-        path: the dotted key path, e.g. "train.optimizer.learning_rate", or None.
-    """
-
-    def __init__(self, message, location=None, path=None):
-        super().__init__(message)
-        self.location = location
-        self.path = path
-
-
-def format_path(path) -> str:
-    """Dotted form of a key path: `("model", "layers", 3, "lr")` -> `model.layers[3].lr`."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def layer_path(i, key=None) -> str:
-    """Dotted path of a `model.layers` entry or one of its arguments.
-
-    Args:
-        i: index of the layer entry.
-        key: argument name, or None for the entry itself.
-
-    Returns:
-        e.g. "model.layers[3].momentum".
-    """
-    return format_path(("model", "layers", i) + (() if key is None else (key,)))
-
-
-# --------------------------------------------------------------------------------------
-# Loading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that builds plain values from nodes, refusing duplicate keys and tags.
-
-    Only composition (parsing into nodes) is PyYAML's; `load_located` walks the nodes,
-    checks every tag before anything is constructed, and records the 1-based line of
-    every mapping key and list item under its key path.
-    """
-
-    def __init__(self, stream, source):
-        super().__init__(stream)
-        self.source = source
-        self.lines: dict[Path, int] = {}
-        self._active: set[int] = set()
-        self._count = 0
-
-    def load_located(self):
-        """Parse the single document: `(value, lines)` (an empty document is None)."""
-        try:
-            node = self.get_single_node()
-            return (None if node is None else self._value(node, ())), self.lines
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark or err.context_mark
-            where = f"{self.source}:{mark.line + 1}" if mark else str(self.source)
-            raise ConfigError(_yaml_error_text(self.source, err), location=where) from None
-        finally:
-            self.dispose()
-
-    def _fail(self, node, message, path=None):
-        mark = node.start_mark
-        where = f"{self.source}:{mark.line + 1}:{mark.column + 1}"
-        raise ConfigError(f"{where}: {message}", location=f"{self.source}:{mark.line + 1}",
-                          path=None if path is None else format_path(path))
-
-    def _check_tag(self, node, allowed):
-        if node.tag not in allowed:
-            tag = node.tag.replace(_YAML, "!!")
-            hint = " (quote the value to make it a string)" if node.tag.startswith(_YAML) \
-                and isinstance(node, yaml.ScalarNode) else ""
-            self._fail(node, f"tag {tag!r} is not allowed: a config holds only mappings, "
-                             f"lists, strings, numbers, booleans and null{hint}")
-
-    def _value(self, node, path):
-        self._count += 1
-        if self._count > _MAX_NODES:
-            self._fail(node, f"more than {_MAX_NODES} values (aliases expanding?)")
-        if id(node) in self._active:
-            self._fail(node, "recursive alias")
-        if isinstance(node, yaml.ScalarNode):
-            self._check_tag(node, _PLAIN_TAGS)
-            return self.construct_object(node, deep=True)
-        self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                self._check_tag(node, {_YAML + "seq"})
-                out = []
-                for i, item in enumerate(node.value):
-                    self.lines[path + (i,)] = item.start_mark.line + 1
-                    out.append(self._value(item, path + (i,)))
-                return out
-            self._check_tag(node, {_YAML + "map"})
-            return self._mapping(node, path)
-        finally:
-            self._active.discard(id(node))
-
-    def _mapping(self, node, path):
-        out: dict = {}
-        merges = [v for k, v in node.value if k.tag == _YAML + "merge"]
-        # `<<: *base` (or a list of them): merged first, earlier sources winning, so the
-        # explicit keys that follow override them.
-        for merged in reversed(merges):
-            sources = merged.value if isinstance(merged, yaml.SequenceNode) else [merged]
-            for src in reversed(sources):
-                if not isinstance(src, yaml.MappingNode):
-                    self._fail(src, "a merge key '<<' needs a mapping or a list of mappings")
-                out.update(self._value(src, path))
-        seen: dict = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == _YAML + "merge":
-                continue
-            if not isinstance(key_node, yaml.ScalarNode):
-                where = format_path(path) or "the top level"
-                self._fail(key_node, f"keys must be plain scalars, in {where}")
-            self._check_tag(key_node, _PLAIN_TAGS)
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                where = format_path(path) or "the top level"
-                self._fail(key_node, f"duplicate key {key!r} in {where} "
-                                     f"(first on line {seen[key]}, again on line {line})",
-                           path + (key,))
-            seen[key] = line
-            self.lines[path + (key,)] = line
-            out[key] = self._value(value_node, path + (key,))
-        return out
-
-
-_Loader.add_implicit_resolver(_YAML + "float", _FLOAT_12, list("-+0123456789."))
-
-
-def _yaml_error_text(source, err) -> str:
-    mark = err.problem_mark or err.context_mark
-    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else str(source)
-    text = f"{where}: malformed YAML: {err.problem or err.context}"
-    if err.context and err.problem:
-        cm = err.context_mark
-        at = f" at line {cm.line + 1}, column {cm.column + 1}" if cm else ""
-        text += f" ({err.context}{at})"
-    return text
-
-
-def _load_text(text, source):
-    return _Loader(text, source).load_located()
-
-
-# --------------------------------------------------------------------------------------
-# Schema
-
-
-def _f(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, ge=None, gt=None,
-       le=None, lt=None, required=False, internal=False, compare=True):
-    """A dataclass field with the validator's metadata (bounds, required, internal)."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "required": required, "internal": internal}
-    return field(default=default, default_factory=factory, metadata=meta, compare=compare,
-                 repr=not internal)
-
-
-class _Section:
-    """Shared behaviour of the schema dataclasses."""
-
-    def to_dict(self) -> dict:
-        """Plain dict/list/str/number/bool/None form; `parse_config` of it gives an equal object."""
-        return _to_plain(self)
-
-    def _check(self, path, ctx):
-        """Cross-field checks once each field is valid; returns the (completed) section."""
-        return self
-
-
-@dataclass(frozen=True)
-class DataConfig(_Section):
-    """`data`: which data set to train on.
-
-    Attributes:
-        name: "patterns" (the embedded generated set, `data.make_patterns`), "npz"
-            (a user file with x_train, y_train, x_test, y_test; `data.load_npz`) or "npy"
-            (a directory of x_train.npy, y_train.npy, x_test.npy, y_test.npy, memory-
-            mapped: each rank reads only the rows of its slices; `data.open_npy_dir`).
-        path: the .npz file or the .npy directory, required for "npz" and "npy", not
-            allowed for "patterns". A relative
-            path is taken from the config file's directory (from the working directory
-            when it comes from `--set`); the resolved config holds the absolute path.
-        n_train: patterns: samples to generate (default 10000); npz: use the first
-            n_train samples (default: all). >= 1.
-        n_test: as n_train for the test split (patterns default 2000). >= 1.
-        image_size: patterns: image height and width in pixels (>= 4); default 16.
-        num_classes: number of classes (>= 2); labels must lie in [0, num_classes).
-            patterns supports at most 10. Default 10.
-    """
-
-    name: Literal["patterns", "npz", "npy"] = "patterns"
-    path: str | None = None
-    n_train: int | None = _f(None, ge=1)
-    n_test: int | None = _f(None, ge=1)
-    image_size: int = _f(16, ge=4)
-    num_classes: int = _f(10, ge=2)
-
-    def _check(self, path, ctx):
-        if self.name in ("npz", "npy"):
-            if self.path is None:
-                raise ctx.error(path + ("path",), f"required when data.name is {self.name!r}",
-                                at=path + ("name",))
-            where = ctx.locate(path + ("path",))
-            base = "." if where.startswith("--set") or ctx.source.startswith("<") else (
-                os.path.dirname(os.path.abspath(ctx.source)))
-            full = os.path.normpath(os.path.join(base, os.path.expanduser(self.path)))
-            exists = os.path.isfile if self.name == "npz" else os.path.isdir
-            if not exists(full):
-                relative = "" if os.path.isabs(self.path) else (
-                    f" (relative to {'the working directory' if base == '.' else base})")
-                what = "data file" if self.name == "npz" else "data directory"
-                raise ctx.error(path + ("path",), f"{what} {self.path!r} not found: "
-                                                  f"looked for {full}{relative}")
-            return dataclasses.replace(self, path=os.path.abspath(full))
-        if self.path is not None:
-            raise ctx.error(path + ("path",),
-                            f"only used when data.name is 'npz' or 'npy', got {self.path!r}")
-        if self.num_classes > 10:
-            raise ctx.error(path + ("num_classes",),
-                            f"must be <= 10 for data.name 'patterns', got {self.num_classes!r}")
-        return dataclasses.replace(
-            self,
-            n_train=10000 if self.n_train is None else self.n_train,
-            n_test=2000 if self.n_test is None else self.n_test,
-        )
-
-
-@dataclass(frozen=True)
-class LayerSpec(_Section):
-    """One `model.layers` entry: a layer class name and its keyword arguments.
-
-    Only the structure is validated here; the model builder checks the arguments
-    against the layer class and reports problems with `error(key, message)`, which
-    quotes the entry's YAML line (or the `--set` that gave the value).
-
-    Attributes:
-        type: the layer class name, e.g. "Conv2D" or "BatchNormalization".
-        kwargs: the other keys of the entry (plain YAML values); treat as read-only.
-        index: position in `model.layers`.
-        locations: key -> "file:line" or "--set ..." ("" for the entry itself).
-    """
-
-    type: str
-    kwargs: dict = _f(factory=dict)
-    index: int = _f(0, internal=True)
-    locations: dict = _f(factory=dict, internal=True, compare=False)
-
-    def to_dict(self) -> dict:
-        """The entry as written in YAML: `{"type": ..., **kwargs}`."""
-        return {"type": self.type, **copy.deepcopy(self.kwargs)}
-
-    def path(self, key=None) -> str:
-        """Dotted path of this entry or one of its arguments: "model.layers[3].momentum"."""
-        return layer_path(self.index, key)
-
-    def error(self, key, message) -> ConfigError:
-        """A `ConfigError` about argument `key` (None: the entry), located at its YAML line.
-
-        Args:
-            key: argument name or None.
-            message: what is wrong, quoting the value, e.g. "must be in [0, 1], got 1.5".
-
-        Returns:
-            The error (raise it).
-        """
-        where = self.locations.get(key) or self.locations.get("") or None
-        text = f"{self.path(key)}: {message}"
-        return ConfigError(f"{where}: {text}" if where else text, location=where,
-                           path=self.path(key))
-
-
-@dataclass(frozen=True)
-class ModelConfig(_Section):
-    """`model`: the network, as a list of layers applied in order.
-
-    Attributes:
-        layers: required, non-empty list of mappings, each with `type` (layer class
-            name) and that layer's keyword arguments, e.g.
-            `{type: Conv2D, filters: 16, kernel_size: 3}` (see `LayerSpec`).
-        dtype: "float32" (default) or "float64": weights and computation.
-        data_format: "channels_last" (NHWC, default) or "channels_first" (NCHW); the
-            data are converted to it and layers that take `data_format` default to it.
-        synchronized: default `synchronized` for BatchNormalization entries that do not
-            set it. Default true, so N replicas compute the statistics of the global
-            batch and reproduce a one-process run.
-    """
-
-    layers: list = _f(factory=list, required=True)
-    dtype: Literal["float32", "float64"] = "float32"
-    data_format: Literal["channels_last", "channels_first"] = "channels_last"
-    synchronized: bool = True
-
-
-@dataclass(frozen=True)
-class ScheduleConfig(_Section):
-    """`train.optimizer.schedule`: the learning-rate schedule.
-
-    Attributes:
-        name: "constant" (default), "step" (multiply by decay_rate every decay_steps
-            steps) or "cosine" (from learning_rate down to alpha * learning_rate over
-            decay_steps steps).
-        warmup_steps: linear warm-up from 0 over this many steps before the schedule
-            starts (>= 0, default 0).
-        decay_steps: step: the period (required); cosine: its length (null: the rest
-            of training after warm-up). >= 1.
-        decay_rate: step: the factor, in (0, 1]; default 0.1.
-        alpha: cosine: final learning rate as a fraction of learning_rate, in [0, 1];
-            default 0.
-    """
-
-    name: Literal["constant", "step", "cosine"] = "constant"
-    warmup_steps: int = _f(0, ge=0)
-    decay_steps: int | None = _f(None, ge=1)
-    decay_rate: float = _f(0.1, gt=0.0, le=1.0)
-    alpha: float = _f(0.0, ge=0.0, le=1.0)
-
-    def _check(self, path, ctx):
-        if self.name == "step" and self.decay_steps is None:
-            raise ctx.error(path + ("decay_steps",), "required when schedule.name is 'step'",
-                            at=path + ("name",))
-        return self
-
-
-@dataclass(frozen=True)
-class OptimizerConfig(_Section):
-    """`train.optimizer`: the optimizer and its hyperparameters (Keras names).
-
-    Attributes:
-        name: "sgd" (default), "adam" or "adamw".
-        learning_rate: base learning rate, > 0; default 0.01.
-        momentum: sgd: momentum in [0, 1); default 0.9 (Keras' default is 0).
-        nesterov: sgd: Nesterov momentum; default false.
-        weight_decay: >= 0, default 0 (decoupled for adamw).
-        beta_1: adam/adamw: in [0, 1); default 0.9.
-        beta_2: adam/adamw: in [0, 1); default 0.999.
-        epsilon: adam/adamw: > 0; default 1e-7.
-        global_clipnorm: clip the global gradient norm to this (> 0); null: off.
-        schedule: learning-rate schedule (`ScheduleConfig`); default constant.
-    """
-
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    learning_rate: float = _f(0.01, gt=0.0)
-    momentum: float = _f(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    weight_decay: float = _f(0.0, ge=0.0)
-    beta_1: float = _f(0.9, ge=0.0, lt=1.0)
-    beta_2: float = _f(0.999, ge=0.0, lt=1.0)
-    epsilon: float = _f(1e-7, gt=0.0)
-    global_clipnorm: float | None = _f(None, gt=0.0)
-    schedule: ScheduleConfig = _f(factory=ScheduleConfig)
-
-
-@dataclass(frozen=True)
-class PreciseBNConfig(_Section):
-    """`train.precise_bn`: PreciseBN before each evaluation (`distbn.train.precise_bn`).
-
-    Attributes:
-        batches: recompute every BatchNormalization layer's moving statistics as the
-            population statistics of this many training batches (>= 0; the schedule's
-            first steps, weights frozen, layers in order, pooled exactly over all
-            replicas) before each evaluation; training continues from them. 0
-            (default): off, evaluation uses the moving averages.
-    """
-
-    batches: int = _f(0, ge=0)
-
-
-@dataclass(frozen=True)
-class TrainConfig(_Section):
-    """`train`: how long and how to train.
-
-    Attributes:
-        global_batch_size: samples per step over all replicas (>= 1); default 128.
-        epochs: passes over the training set (>= 1); exclusive with steps.
-        steps: optimizer steps (>= 1), continuing across epochs; exclusive with epochs.
-            Neither given: epochs = 1. See the module docstring for overrides.
-        drop_last: drop each epoch's final short global batch; default false.
-        optimizer: `OptimizerConfig`.
-        loss: "sparse_categorical_crossentropy" (default) or "mse" (against one-hot
-            labels).
-        from_logits: whether the model outputs logits (true: the crossentropy applies
-            the softmax) or probabilities (false, Keras' default: the last layer has
-            `activation: softmax`). A softmax output with from_logits true, or a
-            non-softmax output with from_logits false, is refused. Ignored by mse.
-        eval_every: evaluate on the test split every this many steps (>= 0); 0 (default):
-            only at the end.
-        on_nonfinite: what a non-finite loss (on any rank) or gradient norm does, decided
-            by every rank together: "raise" (default: every rank stops with exit 1,
-            naming the step and the first layer whose output was non-finite) or
-            "skip_step" (no optimizer update, BatchNormalization moving statistics put
-            back as they were, a warning; the step counter still advances, the
-            optimizer's iteration count and so its schedule do not).
-        check_replicas_every: every this many steps (>= 0), compare a SHA-256 of every
-            parameter and synchronized moving statistic across ranks and stop every rank
-            (exit 1) naming the ranks and the first tensor that drifted; 0 (default): off.
-        precise_bn: `PreciseBNConfig` (PreciseBN before each evaluation; default off).
-    """
-
-    global_batch_size: int = _f(128, ge=1)
-    epochs: int | None = _f(None, ge=1)
-    steps: int | None = _f(None, ge=1)
-    drop_last: bool = False
-    optimizer: OptimizerConfig = _f(factory=OptimizerConfig)
-    loss: Literal["sparse_categorical_crossentropy", "mse"] = "sparse_categorical_crossentropy"
-    from_logits: bool = False
-    eval_every: int = _f(0, ge=0)
-    on_nonfinite: Literal["raise", "skip_step"] = "raise"
-    check_replicas_every: int = _f(0, ge=0)
-    precise_bn: PreciseBNConfig = _f(factory=PreciseBNConfig)
-
-    def _check(self, path, ctx):
-        if self.epochs is not None and self.steps is not None:
-            raise ctx.error(
-                path + ("steps",),
-                f"give either train.epochs or train.steps, not both (epochs={self.epochs!r} "
-                f"at {ctx.locate(path + ('epochs',))})",
-            )
-        if self.epochs is None and self.steps is None:
-            return dataclasses.replace(self, epochs=1)
-        return self
-
-
-@dataclass(frozen=True)
-class StrategyConfig(_Section):
-    """`strategy`: how replicas are grouped, and the collectives' safety nets.
-
-    Attributes:
-        sync_group: replicas whose synchronized BN statistics are pooled: null (default:
-            all replicas), an int >= 1 (consecutive groups of that many ranks) or "node"
-            (the ranks sharing a node).
-        check_steps: run the first this many training steps of a run (>= 0) in check
-            mode, where every collective is compared across ranks first and a mismatch
-            (shape, order, kind) is named on every rank instead of hanging; then switch
-            it off (it costs one small allgather per collective). Default 2; 0: off
-            (`DISTBN_CHECK_COLLECTIVES=1` keeps it on throughout).
-        stall_timeout: seconds (> 0) a rank may wait in one collective before the stall
-            watchdog names the collective and the ranks that have not arrived and aborts
-            the job; null (default) leaves `DISTBN_STALL_TIMEOUT` in charge (unset: off).
-            Keep it above the longest legitimate wait: the first step's JIT compilation,
-            a checkpoint write, an uneven evaluation.
-    """
-
-    sync_group: int | Literal["node"] | None = _f(None, ge=1)
-    check_steps: int = _f(2, ge=0)
-    stall_timeout: float | None = _f(None, gt=0.0)
-
-
-@dataclass(frozen=True)
-class CheckpointConfig(_Section):
-    """`checkpoint`: periodic checkpoints under `RUN_DIR/checkpoints/`, and resuming.
-
-    Rerunning the same command with the same `--run-dir` resumes from the newest
-    complete checkpoint there. When any checkpointing is on, a checkpoint is also
-    written at the end and when a preemption signal arrives.
-
-    Attributes:
-        every_steps: save every this many steps (>= 0); 0 (default): not by steps.
-        every_epochs: save at the end of every this many epochs (>= 0); 0 (default):
-            not by epochs.
-        keep: how many of the latest checkpoints to keep (>= 1); default 3.
-        moving_stats: what replica-local BatchNormalization moving statistics (which
-            differ between replicas) the checkpoint's weights hold: "mean" (default,
-            their mean over replicas) or "rank0" (rank 0's). Each replica's own values
-            are stored beside them, so a resume at the same world size is exact.
-    """
-
-    every_steps: int = _f(0, ge=0)
-    every_epochs: int = _f(0, ge=0)
-    keep: int = _f(3, ge=1)
-    moving_stats: Literal["mean", "rank0"] = "mean"
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any checkpointing was asked for."""
-        return bool(self.every_steps or self.every_epochs)
-
-
-@dataclass(frozen=True)
-class LoggingConfig(_Section):
-    """`logging`: metrics and progress output (rank 0 only).
-
-    Attributes:
-        every_steps: write a metrics line every this many steps (>= 1); default 10.
-        progress: "auto" (default: a bar on a terminal, lines otherwise), "bar",
-            "lines" or "none".
-    """
-
-    every_steps: int = _f(10, ge=1)
-    progress: Literal["auto", "bar", "lines", "none"] = "auto"
-
-
-@dataclass(frozen=True)
-class Config(_Section):
-    """The whole training configuration (the YAML file after overrides, validated).
-
-    Attributes:
-        seed: non-negative int seeding data generation, shuffling and initialisation;
-            default 0.
-        data: `DataConfig`.
-        model: `ModelConfig` (required, for its `layers`).
-        train: `TrainConfig`.
-        strategy: `StrategyConfig`.
-        checkpoint: `CheckpointConfig`.
-        logging: `LoggingConfig`.
-        source: where it was read from (a path, "<string>"); not part of `to_dict`.
-    """
-
-    seed: int = _f(0, ge=0)
-    data: DataConfig = _f(factory=DataConfig)
-    model: ModelConfig = _f(factory=ModelConfig, required=True)
-    train: TrainConfig = _f(factory=TrainConfig)
-    strategy: StrategyConfig = _f(factory=StrategyConfig)
-    checkpoint: CheckpointConfig = _f(factory=CheckpointConfig)
-    logging: LoggingConfig = _f(factory=LoggingConfig)
-    source: str = _f("<string>", internal=True, compare=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -644,11 +134,6 @@ def _hints(cls):
     if cls not in _HINTS:
         _HINTS[cls] = typing.get_type_hints(cls)
     return _HINTS[cls]
-
-
-def _fields(cls):
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-
 
 def _build(cls, raw, path, ctx):
     """Validate a raw mapping into the dataclass `cls` (recursively)."""
@@ -725,6 +210,8 @@ def _in_bounds(value, meta) -> bool:
 
 def _coerce(hint, value, path, ctx, meta):
     """Check one raw value against its field's type and bounds; return the clean value."""
+    if hint is OptimizerConfig:
+        return _build_optimizer(value, path, ctx)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, ctx)
     if path[-1:] == ("layers",) and hint is list:
@@ -795,14 +282,80 @@ def _build_layers(value, path, ctx):
     return specs
 
 
-def _to_plain(obj):
-    if isinstance(obj, LayerSpec):
-        return obj.to_dict()
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in _fields(type(obj))}
-    if isinstance(obj, list):
-        return [_to_plain(v) for v in obj]
-    return copy.deepcopy(obj)
+# `train.optimizer` keys that are the trainer's, not the optimizer constructor's.
+_TRAINER_KEYS = ("global_clipnorm", "schedule")
+
+
+def _entry_arguments(raw, path, ctx, selector="name", skip=()):
+    """The raw mapping of a typed entry: (mapping, {argument: plain value}, locations)."""
+    if raw is None:  # `optimizer:` alone means all defaults
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ctx.error(path, f"expected a mapping, got {raw!r}")
+    given = {}
+    for key, arg in raw.items():
+        if not isinstance(key, str):
+            raise ctx.error(path, f"argument names must be strings, got {key!r}")
+        if key != selector and key not in skip:
+            given[key] = _plain(arg, path + (key,), ctx)
+    locations = {"": ctx.locate(path)}
+    locations.update({key: ctx.locate(path + (key,)) for key in raw})
+    return raw, given, locations
+
+
+def _accepted(cls, supplied) -> list[str]:
+    return [a for a in entries.accepted_arguments(cls)[0] if a not in supplied]
+
+
+def _build_optimizer(raw, path, ctx) -> OptimizerConfig:
+    """`train.optimizer`: a typed entry, checked by the optimizer's constructor (and its
+    schedule by the schedule's)."""
+    raw, given, locations = _entry_arguments(raw, path, ctx, skip=_TRAINER_KEYS)
+    hints = _hints(OptimizerConfig)
+    name = _coerce(hints["name"], raw.get("name", "sgd"), path + ("name",), ctx, {})
+    clip = _coerce(hints["global_clipnorm"], raw.get("global_clipnorm"),
+                   path + ("global_clipnorm",), ctx, {})
+    if clip is not None:
+        try:
+            optimizers.check_clipnorm(clip, "global_clipnorm")
+        except ValueError as err:
+            raise ctx.error(path + ("global_clipnorm",), str(err)) from None
+    entry = OptimizerConfig(name=name, global_clipnorm=clip,
+                            kwargs={**OPTIMIZER_DEFAULTS[name], **given}, locations=locations)
+    cls = optimizers.get_class(name)
+    # The entry's `name` selects the class; the constructor's own `name` is not the user's.
+    siblings = {n: _accepted(optimizers.get_class(n), ("name",))
+                for n in OPTIMIZER_DEFAULTS if n != name}
+    entries.check_arguments(entry, entry.kwargs, _accepted(cls, ("name",)),
+                            f"optimizer {name!r}", also=("name",) + _TRAINER_KEYS,
+                            siblings=siblings, required=entries.required_arguments(cls))
+    rate = entry.kwargs.get("learning_rate")
+    if isinstance(rate, (dict, list)):
+        raise entry.error("learning_rate", "expected a number (a schedule goes in "
+                                           f"train.optimizer.schedule), got {rate!r}")
+    entries.construct(entry, cls, entry.kwargs, cls.__name__)
+    schedule = _build_schedule(raw.get("schedule"), path + ("schedule",), ctx, rate)
+    return dataclasses.replace(entry, schedule=schedule)
+
+
+def _build_schedule(raw, path, ctx, learning_rate) -> ScheduleConfig:
+    """`train.optimizer.schedule`: a typed entry, checked by the schedule's constructor."""
+    raw, given, locations = _entry_arguments(raw, path, ctx)
+    name = _coerce(_hints(ScheduleConfig)["name"], raw.get("name", "constant"),
+                   path + ("name",), ctx, {})
+    entry = ScheduleConfig(name=name, kwargs={**SCHEDULE_DEFAULTS[name], **given},
+                           locations=locations)
+    cls = schedules.get_class(name)
+    supplied = ScheduleConfig.RATE_ARGUMENTS
+    siblings = {n: _accepted(schedules.get_class(n), supplied)
+                for n in SCHEDULE_DEFAULTS if n != name}
+    entries.check_arguments(entry, entry.kwargs, _accepted(cls, supplied),
+                            f"schedule {name!r}", also=("name",), supplied=supplied,
+                            siblings=siblings, required=entries.required_arguments(cls))
+    entries.construct(entry, cls, entry.arguments(learning_rate), cls.__name__,
+                      keys=entry.kwargs)
+    return entry
+
 
 
 # --------------------------------------------------------------------------------------
@@ -841,7 +394,7 @@ def parse_override(text):
     if isinstance(path[0], int):
         raise ConfigError(f"{where}: bad key path {key.strip()!r}: starts with an index",
                           location=where)
-    value, _ = _load_text(raw, where)
+    value, _ = load_yaml(raw, where)
     return tuple(path), value
 
 
@@ -900,7 +453,7 @@ def parse_config(text_or_mapping, source="<string>", overrides=()) -> Config:
         The validated `Config`.
     """
     if isinstance(text_or_mapping, str):
-        raw, lines = _load_text(text_or_mapping, source)
+        raw, lines = load_yaml(text_or_mapping, source)
     elif isinstance(text_or_mapping, Mapping):
         raw, lines = copy.deepcopy(dict(text_or_mapping)), {}
     else:
@@ -952,39 +505,4 @@ def load_config(path, overrides=()) -> Config:
         raise ConfigError(f"{path}: cannot read config: {err}", location=path) from err
     return parse_config(text, source=path, overrides=overrides)
 
-
-def config_hash(config) -> str:
-    """sha256 (hex) of the canonical JSON of `config.to_dict()`: equal configs, equal hashes."""
-    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-class _FlowMap(dict):
-    """A mapping written on one line (layer entries)."""
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that writes layer entries in flow style and quotes 1e-3-like strings."""
-
-
-_Dumper.add_representer(
-    _FlowMap, lambda d, data: d.represent_mapping(_YAML + "map", data, flow_style=True))
-# Strings our loader would read back as floats must be quoted.
-_Dumper.add_implicit_resolver(_YAML + "float", _FLOAT_12, list("-+0123456789."))
-
-
-def config_to_yaml(config) -> str:
-    """The resolved config as YAML (what the run directory's config.yaml holds).
-
-    Args:
-        config: a `Config`.
-
-    Returns:
-        YAML text that `parse_config` turns back into an equal `Config`.
-    """
-    data = config.to_dict()
-    data["model"]["layers"] = [_FlowMap(layer) for layer in data["model"]["layers"]]
-    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-                     width=100)
-    return f"# distbn resolved config, sha256 {config_hash(config)}\n{body}"
 

@@ -21,24 +21,26 @@ import re
 
 import numpy as np
 
+from distbn.checks import check_bool, check_number
 from distbn.train import schedules
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_by_global_norm", "clip_gradients", "get"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_by_global_norm", "clip_gradients",
+           "check_clipnorm", "get", "get_class"]
 
 
 def _in_unit_interval(value, name: str) -> float:
     """A float in [0, 1), or a ValueError quoting it."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-            or not 0 <= value < 1):
-        raise ValueError(f"{name} must be a float in [0, 1), got {name}={value!r}")
-    return float(value)
+    return check_number(value, name, low=0, high=1, high_open=True)
 
 
 def _non_negative(value, name: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a non-negative finite float, got {name}={value!r}")
-    return float(value)
+    return check_number(value, name, low=0)
+
+
+def check_clipnorm(value, name: str = "max_norm") -> float:
+    """A gradient-norm bound: a positive finite float (`clip_by_global_norm`'s `max_norm`,
+    the config's `train.optimizer.global_clipnorm`), or a ValueError quoting it."""
+    return check_number(value, name, low=0, low_open=True)
 
 
 class Optimizer:
@@ -256,7 +258,7 @@ class SGD(Optimizer):
                  name="SGD"):
         super().__init__(learning_rate, weight_decay=weight_decay, name=name)
         self.momentum = _in_unit_interval(momentum, "momentum")
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_bool(nesterov, "nesterov")
         self.slot_names = ("momentum",) if self.momentum else ()
 
     def _update(self, var, grad, lr, slots):
@@ -298,7 +300,7 @@ class Adam(Optimizer):
         self.beta_1 = _in_unit_interval(beta_1, "beta_1")
         self.beta_2 = _in_unit_interval(beta_2, "beta_2")
         self.epsilon = _non_negative(epsilon, "epsilon")
-        self.amsgrad = bool(amsgrad)
+        self.amsgrad = check_bool(amsgrad, "amsgrad")
         self.slot_names = ("momentum", "velocity") + (("velocity_hat",) if amsgrad else ())
 
     def _update(self, var, grad, lr, slots):
@@ -352,9 +354,7 @@ def clip_by_global_norm(grads, max_norm):
         before clipping, as a float). With a non-finite norm the gradients come back
         unchanged, so the caller's NaN check sees them.
     """
-    if (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.number))
-            or not max_norm > 0 or not math.isfinite(max_norm)):
-        raise ValueError(f"max_norm must be a positive finite float, got max_norm={max_norm!r}")
+    max_norm = check_clipnorm(max_norm)
     total = 0.0
     for g in grads:
         if g is not None:
@@ -383,6 +383,20 @@ def clip_gradients(variables, max_norm) -> float:
 _TABLE = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
+def get_class(name) -> type:
+    """The optimizer class a name selects ("sgd", "adam", "adamw"; any case).
+
+    Raises:
+        ValueError: quoting an unknown name, with the close ones.
+    """
+    key = name.lower() if isinstance(name, str) else None
+    if key not in _TABLE:
+        close = difflib.get_close_matches(str(name).lower(), list(_TABLE), n=2)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(_TABLE)}){hint}")
+    return _TABLE[key]
+
+
 def get(identifier, **kwargs) -> Optimizer:
     """Build an optimizer.
 
@@ -407,14 +421,8 @@ def get(identifier, **kwargs) -> Optimizer:
             raise ValueError(f"an optimizer dict needs a 'type' key, got {identifier!r}")
         kwargs = {**{k: v for k, v in identifier.items() if k != "type"}, **kwargs}
         identifier = identifier["type"]
-    key = identifier.lower() if isinstance(identifier, str) else None
-    if key not in _TABLE:
-        close = difflib.get_close_matches(str(identifier).lower(), list(_TABLE), n=2)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"unknown optimizer {identifier!r} (known: {', '.join(_TABLE)}){hint}"
-        )
+    cls = get_class(identifier)
     try:
-        return _TABLE[key](**kwargs)
+        return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for optimizer {identifier!r}: {err}") from err

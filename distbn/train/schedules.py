@@ -13,35 +13,18 @@ from __future__ import annotations
 import difflib
 import math
 
-import numpy as np
+from distbn import _objects
+from distbn.checks import check_int, check_number, is_number
 
-__all__ = ["LearningRateSchedule", "Constant", "StepDecay", "CosineDecay", "get"]
+__all__ = ["LearningRateSchedule", "Constant", "StepDecay", "CosineDecay", "get",
+           "get_class"]
 
 
 def _rate(value, name: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a non-negative finite float, got {name}={value!r}")
-    return float(value)
+    return check_number(value, name, low=0)
 
 
-def _steps(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        kind = "a positive" if minimum > 0 else "a non-negative"
-        raise ValueError(f"{name} must be {kind} integer, got {name}={value!r}")
-    return int(value)
-
-
-def _fraction(value, name: str, low_open: bool = False) -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
-          and (0 < value <= 1 if low_open else 0 <= value <= 1))
-    if not ok:
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{name} must be a float in {interval}, got {name}={value!r}")
-    return float(value)
-
-
-class LearningRateSchedule:
+class LearningRateSchedule(_objects.Configurable):
     """Base class: `schedule(step) -> float`, with linear warm-up handled here.
 
     Subclasses set `self.initial` (the rate warm-up reaches) and implement `_decay(step)`
@@ -52,7 +35,7 @@ class LearningRateSchedule:
     type_name = ""
 
     def __init__(self, warmup_steps=0, warmup_from=0.0):
-        self.warmup_steps = _steps(warmup_steps, "warmup_steps", 0)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
         self.warmup_from = _rate(warmup_from, "warmup_from")
 
     def _decay(self, step: int) -> float:
@@ -60,26 +43,14 @@ class LearningRateSchedule:
 
     def __call__(self, step) -> float:
         """The learning rate for optimizer step `step` (>= 0)."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got step={step!r}")
-        step = int(step)
+        step = check_int(step, "step", minimum=0)
         if step < self.warmup_steps:
             frac = step / self.warmup_steps
             return self.warmup_from + (self.initial - self.warmup_from) * frac
         return float(self._decay(step - self.warmup_steps))
 
     def get_config(self) -> dict:
-        """The constructor arguments."""
         return {"warmup_steps": self.warmup_steps, "warmup_from": self.warmup_from}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        """Rebuild from `get_config()`'s output."""
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 class Constant(LearningRateSchedule):
@@ -121,8 +92,8 @@ class StepDecay(LearningRateSchedule):
                  warmup_from=0.0):
         super().__init__(warmup_steps, warmup_from)
         self.initial = _rate(initial_learning_rate, "initial_learning_rate")
-        self.decay_steps = _steps(decay_steps, "decay_steps", 1)
-        self.decay_rate = _fraction(decay_rate, "decay_rate", low_open=True)
+        self.decay_steps = check_int(decay_steps, "decay_steps", minimum=1)
+        self.decay_rate = check_number(decay_rate, "decay_rate", low=0, high=1, low_open=True)
 
     def _decay(self, step: int) -> float:
         return self.initial * self.decay_rate ** (step // self.decay_steps)
@@ -150,8 +121,8 @@ class CosineDecay(LearningRateSchedule):
                  warmup_from=0.0):
         super().__init__(warmup_steps, warmup_from)
         self.initial = _rate(initial_learning_rate, "initial_learning_rate")
-        self.decay_steps = _steps(decay_steps, "decay_steps", 1)
-        self.alpha = _fraction(alpha, "alpha")
+        self.decay_steps = check_int(decay_steps, "decay_steps", minimum=1)
+        self.alpha = check_number(alpha, "alpha", low=0, high=1)
 
     def _decay(self, step: int) -> float:
         frac = min(step, self.decay_steps) / self.decay_steps
@@ -170,7 +141,12 @@ _TABLE = {
 }
 
 
-def _lookup(name):
+def get_class(name) -> type:
+    """The schedule class a name selects ("constant", "step", "cosine", or the class name).
+
+    Raises:
+        ValueError: quoting an unknown name, with the close ones.
+    """
     if isinstance(name, str) and name in _TABLE:
         return _TABLE[name]
     close = difflib.get_close_matches(str(name), list(_TABLE), n=3)
@@ -204,10 +180,9 @@ def get(identifier, **kwargs) -> LearningRateSchedule:
             raise ValueError(f"a schedule dict needs a 'type' key, got {identifier!r}")
         kwargs = {**{k: v for k, v in identifier.items() if k != "type"}, **kwargs}
         identifier = identifier["type"]
-    elif (not isinstance(identifier, (str, bool))
-          and isinstance(identifier, (int, float, np.number))):
+    elif is_number(identifier):
         return Constant(identifier, **kwargs)
-    cls = _lookup(identifier)
+    cls = get_class(identifier)
     try:
         return cls(**kwargs)
     except TypeError as err:
