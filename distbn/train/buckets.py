@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from distbn.checks import check_positive_int
+
 __all__ = ["DEFAULT_BUCKET_BYTES", "Buckets", "GradientAllReduce", "broadcast_weights"]
 
 #: Large enough that per-message latency is negligible, small enough to stay in cache-ish
@@ -27,9 +29,7 @@ class Buckets:
     """
 
     def __init__(self, shapes, dtypes, bucket_bytes=DEFAULT_BUCKET_BYTES):
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) \
-                or bucket_bytes < 1:
-            raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        bucket_bytes = check_positive_int(bucket_bytes, "bucket_bytes")
         shapes = [tuple(s) for s in shapes]
         dtypes = [np.dtype(d) for d in dtypes]
         if len(shapes) != len(dtypes):

@@ -42,6 +42,7 @@ import typing
 from collections.abc import Mapping
 from typing import Literal, Union
 
+from distbn.checks import is_bool, is_int, is_number
 from distbn.train import entries, optimizers, schedules
 from distbn.train.config_schema import (
     OPTIMIZER_DEFAULTS,
@@ -171,11 +172,12 @@ def _match(atom, value):
     if atom is type(None):
         return value is None, None
     if atom is bool:
-        return isinstance(value, bool), value
+        return is_bool(value), bool(value) if is_bool(value) else None
     if atom is int:  # bool is an int subclass in Python, but never an int here
-        return isinstance(value, int) and not isinstance(value, bool), value
+        ok = is_int(value)
+        return ok, int(value) if ok else None
     if atom is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = is_number(value)
         return ok, float(value) if ok else None
     if atom is str:
         return isinstance(value, str), value
@@ -231,8 +233,7 @@ def _coerce(hint, value, path, ctx, meta):
         raise ctx.error(path, message)
     if isinstance(clean, float) and not math.isfinite(clean):
         raise ctx.error(path, f"must be a finite number, got {value!r}")
-    if isinstance(clean, (int, float)) and not isinstance(clean, bool) \
-            and not _in_bounds(clean, meta):
+    if is_number(clean) and not _in_bounds(clean, meta):
         raise ctx.error(path, f"{_bounds_text(meta)}, got {value!r}")
     return clean
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from distbn.checks import check_int
 from distbn.distribute.sharding import shard_slice  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -186,13 +187,10 @@ def make_patterns(n_train, n_test, image_size=16, num_classes=10, seed=0, dtype=
     """
     for name, value, low in (("n_train", n_train, 0), ("n_test", n_test, 0),
                              ("image_size", image_size, 4), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"make_patterns: {name} must be an int >= {low}, got {value!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or not 1 <= num_classes <= len(_DRAW):
-        raise ValueError(
-            f"make_patterns: num_classes must be an int in 1..{len(_DRAW)}, got {num_classes!r}"
-        )
+        check_int(value, name, minimum=low, what=f"an int >= {low}", named=False,
+                  where="make_patterns")
+    check_int(num_classes, "num_classes", minimum=1, maximum=len(_DRAW),
+              what=f"an int in 1..{len(_DRAW)}", named=False, where="make_patterns")
     if dtype not in ("float32", "float64", np.float32, np.float64):
         raise ValueError(f"make_patterns: dtype must be 'float32' or 'float64', got {dtype!r}")
     dtype = np.dtype(dtype)
@@ -450,9 +448,7 @@ def to_data_format(x, data_format):
 
 
 def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
+    return check_int(value, name, minimum=low, what=f"an int >= {low}", named=False)
 
 
 def epoch_permutation(n, seed, epoch):
