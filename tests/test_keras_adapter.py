@@ -91,6 +91,46 @@ def test_synchronized_path_equals_keras(masked, axis):
     assert scaled(to_numpy(y), to_numpy(plain(x, training=False))) <= TOL
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's host callbacks")
+@pytest.mark.parametrize("masked", [False, True])
+def test_jax_callbacks_carry_channel_buffers_not_activations(masked):
+    # The moments are XLA's work: a training step's host callbacks (forward and
+    # backward) take and give only per-channel buffers, never the activation.
+    import jax
+
+    rng = np.random.default_rng(3)
+    shape, channels = (8, 6, 5), 5
+    sync, _ = layer_pair(in_scope(Loopback()), bn_weights(rng, channels), shape)
+    x = rng.normal(size=shape).astype("float32")
+    mask = rng.random(shape[:-1]) < 0.6 if masked else None
+    tv = [v.value for v in sync.trainable_variables]
+    ntv = [v.value for v in sync.non_trainable_variables]
+
+    def loss(xx, tv):
+        return sync.stateless_call(tv, ntv, xx, training=True, mask=mask)[0].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, tv)
+    shapes = []
+
+    def visit(jp):
+        for eqn in jp.eqns:
+            if "callback" in eqn.primitive.name:
+                shapes.append(([tuple(v.aval.shape) for v in eqn.invars
+                                if hasattr(v.aval, "shape")],
+                               [tuple(v.aval.shape) for v in eqn.outvars]))
+            for value in eqn.params.values():  # jit, custom_vjp, cond bodies
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    assert len(shapes) == 2, shapes  # one forward, one backward collective
+    for ins, outs in shapes:
+        for s in ins + outs:
+            assert s in ((3, channels), (2, channels), (channels,), ()), shapes
+
+
 def test_one_replica_and_unsynchronized_are_plain_keras():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6, 3)).astype("float32")

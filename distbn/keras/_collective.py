@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from distbn.ops import synchronized_moments
+from distbn.ops import (ill_conditioned, kernels, moments_from_sums, pack_moments,
+                        shifted_sums, unpack_moments)
 
 __all__ = [
     "host_moments",
+    "host_pooled_moments",
     "host_sum_cotangents",
     "moments",
     "mean_gradients",
@@ -41,26 +43,41 @@ def backend_name() -> str:
 
 
 def host_moments(x, mask, shift, moving_var, reduce_axes, epsilon, strategy, name):
-    """Global (mean, var, count) of this replica's shard, float64, one collective.
+    """Global (mean, var, count) of this replica's numpy shard, float64, one collective."""
+    count, local_mean, m2 = kernels().local_mean_m2(np.asarray(x), tuple(reduce_axes),
+                                                    None if mask is None
+                                                    else np.asarray(mask).astype(bool))
+    return host_pooled_moments(count, local_mean, m2, shift, moving_var, epsilon,
+                               strategy, name)
 
-    Where the global batch has no position (N = 0) the moving statistics come back, so
-    Keras' moving-average update keeps them and the layer normalises with them.
+
+def host_pooled_moments(count, local_mean, m2, shift, moving_var, epsilon, strategy, name):
+    """Global (mean, var, count) from this replica's local (count, mean, M2), float64.
+
+    Only these 3C numbers cross to the host (the JAX path computes them in XLA): the
+    packed [S1, S2, n] makes the one collective, as `distbn.ops.synchronized_moments`,
+    whose steps after its local moments this repeats. Where the global batch has no
+    position (N = 0) the moving statistics come back, so Keras' moving-average update
+    keeps them and the layer normalises with them.
     """
-    x = np.asarray(x)
-    if mask is not None:
-        mask = np.asarray(mask).astype(bool)
+    count = np.asarray(count, dtype=np.float64)
+    local_mean = np.asarray(local_mean, dtype=np.float64)
+    m2 = np.asarray(m2, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
-
-    def reduce(buf):
-        return strategy.sync_all_reduce(buf, name=name)
-
-    mean, var, count = synchronized_moments(x, tuple(reduce_axes), mask, shift, epsilon,
-                                            reduce)
-    empty = count == 0
+    s1, s2 = shifted_sums(count, local_mean, m2, shift)
+    total, s1, s2 = unpack_moments(
+        strategy.sync_all_reduce(pack_moments(count, s1, s2), name=name))
+    mean, var = moments_from_sums(total, s1, s2, shift)
+    if ill_conditioned(total, mean - shift, var, epsilon):
+        # As synchronized_moments: S2/N - (S1/N)² cancels when the shift is far from the
+        # mean, so sum the exact centred sums M2_r + n_r (mean_r - mean)² instead.
+        centred = np.ascontiguousarray(m2 + count * np.square(local_mean - mean))
+        var = strategy.sync_all_reduce(centred, name=name) / np.maximum(total, 1.0)
+    empty = total == 0
     if np.any(empty):
         mean = np.where(empty, shift, mean)
         var = np.where(empty, np.asarray(moving_var, dtype=np.float64), var)
-    return mean, var, count
+    return mean, var, total
 
 
 def host_sum_cotangents(dmean, dvar, strategy, name):
@@ -139,6 +156,35 @@ def _jax_moments(x, mask, shift, moving_var, spec):
     return _JAX_MOMENTS[0](x, mask_arr, shift, moving_var, spec + (has_mask,))
 
 
+def _jax_local_moments(x, mask, reduce_axes):
+    """This shard's [count, mean, M2] per channel, stacked (3, C), in x's dtype (XLA).
+
+    Two passes (mean, then squared deviations from it), as the host kernels: the shifted
+    sums the host forms from them stay accurate. An empty shard gives zeros.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.lax.stop_gradient(x)
+    cshape = _channel_shape(x.shape, reduce_axes)
+    full = tuple(1 if a in reduce_axes else d for a, d in enumerate(x.shape))
+    if mask is None:
+        n = int(np.prod([x.shape[a] for a in reduce_axes]))
+        if n == 0:
+            return jnp.zeros((3,) + cshape, x.dtype)
+        count = jnp.full(cshape, n, x.dtype)
+        mean = jnp.mean(x, axis=reduce_axes)
+        m2 = jnp.sum(jnp.square(x - jnp.reshape(mean, full)), axis=reduce_axes)
+    else:
+        m = jnp.broadcast_to(mask, x.shape)
+        zero = jnp.zeros((), x.dtype)
+        count = jnp.sum(m.astype(x.dtype), axis=reduce_axes)
+        mean = jnp.sum(jnp.where(m, x, zero), axis=reduce_axes) / jnp.maximum(count, 1.0)
+        dev = jnp.where(m, x - jnp.reshape(mean, full), zero)
+        m2 = jnp.sum(jnp.square(dev), axis=reduce_axes)
+    return jnp.stack([count, mean, m2])
+
+
 def _make_jax_moments():
     import functools
 
@@ -150,14 +196,18 @@ def _make_jax_moments():
         reduce_axes, epsilon, strategy, name, has_mask = spec
         cshape = _channel_shape(x.shape, reduce_axes)
         out = jax.ShapeDtypeStruct(cshape, x.dtype)
+        # The local moments are XLA's work; only their (3, C) buffer crosses to the host
+        # (a whole activation per layer and step did, and was the synchronized step's
+        # main cost).
+        local = _jax_local_moments(x, mask if has_mask else None, reduce_axes)
 
-        def host(xh, mh, kh, vh):
-            mean, var, count = host_moments(xh, mh if has_mask else None, kh, vh,
-                                            reduce_axes, epsilon, strategy, name)
-            dt = xh.dtype
+        def host(lh, kh, vh):
+            mean, var, count = host_pooled_moments(lh[0], lh[1], lh[2], kh, vh, epsilon,
+                                                   strategy, name)
+            dt = lh.dtype
             return mean.astype(dt), var.astype(dt), count.astype(dt)
 
-        return io_callback(host, (out, out, out), x, mask, jax.lax.stop_gradient(shift),
+        return io_callback(host, (out, out, out), local, jax.lax.stop_gradient(shift),
                            jax.lax.stop_gradient(moving_var), ordered=True)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
