@@ -41,20 +41,17 @@ __all__ = [
 _REDUCE_MATH = {"reassoc", "contract"}
 _ROWS_MATH = {"contract"}
 
-# Software prefetch this far ahead in the rows kernels. Measured on the development VM
-# at one thread, 16 MiB float32: the statistics pass 0.75 -> 0.60 ms (the read-only
-# bandwidth is 0.57 ms), normalisation 1.25 -> 1.15 ms (a copy: 1.15 ms) with the
-# output prefetched for writing. The planes reductions sweep memory in order and
-# measured faster without.
+# Software prefetch this far ahead in the rows kernels: it brings the statistics pass
+# and the normalisation (output prefetched for writing) to the machine's read-only and
+# copy bandwidth. The planes reductions sweep memory in order and are faster without.
+# The timings: docs/numerics.md, "Kernel design notes".
 _PF_BYTES = 2048
 _LINE_BYTES = 64
 # ...but only on short rows. The hints go out a row at a time, and on long rows they
 # crowd the core's outstanding misses, while the hardware prefetcher follows long
-# contiguous runs by itself. Measured there (4 Mi float32 elements, one thread, with
-# prefetch -> without): statistics with 2048 channels 1.24 -> 0.86 ms, [Σdy, Σdy·x̂]
-# with 512 channels 1.59 -> 1.21 ms, dx with 2048 channels 2.25 -> 1.75 ms; but
-# statistics with 64 channels 0.61 -> 0.71 ms. Rows of up to this many bytes, summed
-# over the input streams read, are prefetched.
+# contiguous runs by itself: long rows were slower with prefetching, short ones faster
+# (docs/numerics.md, "Kernel design notes"). Rows of up to this many bytes, summed over
+# the input streams read, are prefetched.
 _PF_MAX_ROW_BYTES = 1024
 
 
@@ -232,8 +229,8 @@ def _plane_sums4(x3, o, c, k0, k1, k2, k3):
     """`_plane_sums` of the four rows x3[o, c:c+4, :] in one sweep.
 
     Four independent pairs of accumulators: one row's sums are a chain of dependent
-    adds, which at one row per loop bounds the statistics pass (channels-first, 16 MiB
-    float32, one thread: 0.72 -> 0.63 ms measured; the read-only bandwidth is 0.58 ms).
+    adds, which at one row per loop bounds the statistics pass; four rows bring it near
+    the read-only bandwidth (docs/numerics.md, "Kernel design notes").
     Each row's sums are `_plane_sums`' up to the order of the additions.
     """
     a0 = q0 = a1 = q1 = a2 = q2 = a3 = q3 = 0.0
@@ -606,10 +603,8 @@ def planes_input_grad(dy2, x2, a, mu, k, c1, pmask, out, nch, rows_per_block):
 
 # --- one replica's training forward in one call ----------------------------------------
 # The layer's steps between the two passes, compiled: after a pass over a large input,
-# each small numpy call runs on cold caches (2-25 us each on the development VM). With
-# them in Python the 16 MiB float32 forward took 1.93 ms at one thread, 0.10 ms more
-# than its two passes; in one call, 1.86 ms (distbn bench kernel, interleaved
-# with torch).
+# each small numpy call runs on cold caches, and in Python they added measurably to the
+# forward (docs/numerics.md, "Kernel design notes").
 
 
 @njit(cache=True, error_model="numpy")
@@ -741,8 +736,8 @@ def planes_train_forward(x3, outer_per_block, chan_per_block, gamma, beta, epsil
     `planes_moments` sums together is summed, finished and normalised before the next:
     its planes (O x group x I elements: 1 MiB for the 16 MiB (64, 64, 32, 32) float32
     input) are still in the core's cache for the second read. x then comes from memory
-    about once instead of twice: that forward took 1.80 ms as two passes and 1.4 ms
-    grouped, a copy 1.17 ms (one thread, development VM). The sums are compiled apart
+    about once instead of twice, which brings the forward near a copy's time
+    (docs/numerics.md, "Kernel design notes"). The sums are compiled apart
     (`_group_sums`, reassociated as in `planes_moments`), the rest without fast-math
     flags, as in `planes_normalize`.
 
