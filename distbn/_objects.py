@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 
-__all__ = ["Configurable", "resolve", "serialize"]
+__all__ = ["Configurable", "build", "resolve", "serialize"]
 
 
 class Configurable:
@@ -30,6 +30,37 @@ class Configurable:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def build(identifier, kwargs: dict, base: type, get_class, kind: str):
+    """The `get` of the optimizer and schedule families: an instance of `base` (returned
+    as is), a dict `{"type": name, **arguments}`, or a name with its arguments in `kwargs`.
+
+    Args:
+        identifier: what the user gave.
+        kwargs: constructor arguments (none with an instance).
+        base: the family's base class.
+        get_class: name -> class, raising ValueError for an unknown name.
+        kind: the family's name for messages, with its article ("an optimizer").
+
+    Returns:
+        The object. Raises ValueError quoting an unknown name or bad arguments.
+    """
+    if isinstance(identifier, base):
+        if kwargs:
+            raise ValueError(f"arguments {sorted(kwargs)} given with {kind} instance")
+        return identifier
+    if isinstance(identifier, dict):
+        if "type" not in identifier:
+            raise ValueError(f"{kind} dict needs a 'type' key, got {identifier!r}")
+        kwargs = {**{k: v for k, v in identifier.items() if k != "type"}, **kwargs}
+        identifier = identifier["type"]
+    cls = get_class(identifier)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        name = kind.split(" ", 1)[-1]
+        raise ValueError(f"bad arguments for {name} {identifier!r}: {err}") from err
 
 
 def resolve(identifier, table: dict, kind: str, module: str):

@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from distbn import _objects
 from distbn.checks import check_bool, check_number
 from distbn.train import schedules
 
@@ -412,17 +413,4 @@ def get(identifier, **kwargs) -> Optimizer:
     Raises:
         ValueError: quoting an unknown name or a bad argument value.
     """
-    if isinstance(identifier, Optimizer):
-        if kwargs:
-            raise ValueError(f"arguments {sorted(kwargs)} given with an optimizer instance")
-        return identifier
-    if isinstance(identifier, dict):
-        if "type" not in identifier:
-            raise ValueError(f"an optimizer dict needs a 'type' key, got {identifier!r}")
-        kwargs = {**{k: v for k, v in identifier.items() if k != "type"}, **kwargs}
-        identifier = identifier["type"]
-    cls = get_class(identifier)
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad arguments for optimizer {identifier!r}: {err}") from err
+    return _objects.build(identifier, kwargs, Optimizer, get_class, "an optimizer")

@@ -75,7 +75,20 @@ class Constant(LearningRateSchedule):
         return {"learning_rate": self.initial, **super().get_config()}
 
 
-class StepDecay(LearningRateSchedule):
+class _Decay(LearningRateSchedule):
+    """Shared arguments of the decays: the initial rate and the decay's length in steps."""
+
+    def __init__(self, initial_learning_rate, decay_steps, warmup_steps, warmup_from):
+        super().__init__(warmup_steps, warmup_from)
+        self.initial = _rate(initial_learning_rate, "initial_learning_rate")
+        self.decay_steps = check_int(decay_steps, "decay_steps", minimum=1)
+
+    def get_config(self) -> dict:
+        return {"initial_learning_rate": self.initial, "decay_steps": self.decay_steps,
+                **super().get_config()}
+
+
+class StepDecay(_Decay):
     """`initial_learning_rate * decay_rate ** floor(step / decay_steps)` (staircase).
 
     Args:
@@ -90,20 +103,17 @@ class StepDecay(LearningRateSchedule):
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate=0.1, warmup_steps=0,
                  warmup_from=0.0):
-        super().__init__(warmup_steps, warmup_from)
-        self.initial = _rate(initial_learning_rate, "initial_learning_rate")
-        self.decay_steps = check_int(decay_steps, "decay_steps", minimum=1)
+        super().__init__(initial_learning_rate, decay_steps, warmup_steps, warmup_from)
         self.decay_rate = check_number(decay_rate, "decay_rate", low=0, high=1, low_open=True)
 
     def _decay(self, step: int) -> float:
         return self.initial * self.decay_rate ** (step // self.decay_steps)
 
     def get_config(self) -> dict:
-        return {"initial_learning_rate": self.initial, "decay_steps": self.decay_steps,
-                "decay_rate": self.decay_rate, **super().get_config()}
+        return {**super().get_config(), "decay_rate": self.decay_rate}
 
 
-class CosineDecay(LearningRateSchedule):
+class CosineDecay(_Decay):
     """Keras CosineDecay: `lr0 * ((1 - alpha) * 0.5 * (1 + cos(pi * s / decay_steps)) + alpha)`
     with s clipped to decay_steps (so the rate stays at `alpha * lr0` afterwards).
 
@@ -119,9 +129,7 @@ class CosineDecay(LearningRateSchedule):
 
     def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, warmup_steps=0,
                  warmup_from=0.0):
-        super().__init__(warmup_steps, warmup_from)
-        self.initial = _rate(initial_learning_rate, "initial_learning_rate")
-        self.decay_steps = check_int(decay_steps, "decay_steps", minimum=1)
+        super().__init__(initial_learning_rate, decay_steps, warmup_steps, warmup_from)
         self.alpha = check_number(alpha, "alpha", low=0, high=1)
 
     def _decay(self, step: int) -> float:
@@ -130,8 +138,7 @@ class CosineDecay(LearningRateSchedule):
         return self.initial * ((1.0 - self.alpha) * cosine + self.alpha)
 
     def get_config(self) -> dict:
-        return {"initial_learning_rate": self.initial, "decay_steps": self.decay_steps,
-                "alpha": self.alpha, **super().get_config()}
+        return {**super().get_config(), "alpha": self.alpha}
 
 
 _TABLE = {
@@ -171,19 +178,6 @@ def get(identifier, **kwargs) -> LearningRateSchedule:
     Raises:
         ValueError: quoting an unknown name or a bad argument value.
     """
-    if isinstance(identifier, LearningRateSchedule):
-        if kwargs:
-            raise ValueError(f"arguments {sorted(kwargs)} given with a schedule instance")
-        return identifier
-    if isinstance(identifier, dict):
-        if "type" not in identifier:
-            raise ValueError(f"a schedule dict needs a 'type' key, got {identifier!r}")
-        kwargs = {**{k: v for k, v in identifier.items() if k != "type"}, **kwargs}
-        identifier = identifier["type"]
-    elif is_number(identifier):
+    if is_number(identifier):
         return Constant(identifier, **kwargs)
-    cls = get_class(identifier)
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad arguments for schedule {identifier!r}: {err}") from err
+    return _objects.build(identifier, kwargs, LearningRateSchedule, get_class, "a schedule")
