@@ -67,14 +67,16 @@ def resolve(identifier, table: dict, kind: str, module: str):
     """Turn a name, Keras dict, class, instance or callable into an object of a family.
 
     Args:
-        identifier: the value given by the user (not None).
+        identifier: the value given by the user; None stays None (no such object).
         table: name -> class or factory (classes are instantiated with no arguments).
         kind: the family's name for error messages, e.g. "initializer".
         module: the Keras module of the family, e.g. "keras.initializers".
 
     Returns:
-        A callable object.
+        A callable object, or None.
     """
+    if identifier is None:
+        return None
     if isinstance(identifier, dict):
         class_name = identifier.get("class_name")
         if class_name not in table:

@@ -107,8 +107,6 @@ def get(identifier):
     Raises:
         ValueError: quoting the identifier, when it names no constraint.
     """
-    if identifier is None:
-        return None
     return _objects.resolve(identifier, _TABLE, "constraint", _MODULE)
 
 

@@ -332,8 +332,6 @@ def get(identifier):
     Raises:
         ValueError: quoting the identifier, when it names no initializer.
     """
-    if identifier is None:
-        return None
     return _objects.resolve(identifier, _TABLE, "initializer", _MODULE)
 
 

@@ -101,8 +101,6 @@ def get(identifier):
     Raises:
         ValueError: quoting the identifier, when it names no regularizer.
     """
-    if identifier is None:
-        return None
     return _objects.resolve(identifier, _TABLE, "regularizer", _MODULE)
 
 
