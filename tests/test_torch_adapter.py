@@ -220,6 +220,57 @@ def test_mirror_strategy_runs_the_synchronized_path_with_one_collective_each_way
     assert strat.calls == []
 
 
+class KernelSpy:
+    """Records the data pointer and strides of every array handed to the kernels."""
+
+    def __init__(self, module, seen):
+        self.module, self.seen = module, seen
+
+    def record(self, name, arrays):
+        self.seen.append((name, [(a.__array_interface__["data"][0], a.strides)
+                                 for a in arrays]))
+
+    def __getattr__(self, name):
+        real = getattr(self.module, name)
+
+        def spied(*args, **kwargs):
+            self.record(name, [a for a in args[:2] if isinstance(a, np.ndarray)])
+            return real(*args, **kwargs)
+
+        return spied
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize(("shape", "fmt"), [((4, 3, 3, 5), None),
+                                            ((4, 3, 3, 5), torch.channels_last),
+                                            ((3, 3, 2, 3, 4), torch.channels_last_3d)])
+def test_kernels_read_the_input_and_output_gradient_in_place(monkeypatch, shape, fmt, replicas):
+    """No layout copy: the kernels get x's and dy's own memory, channels_last included."""
+    import distbn.ops as ops
+
+    seen = []
+    spy, sync_spy = KernelSpy(ops.kernels(), seen), KernelSpy(ops, seen)
+    for name in ("synchronized_moments", "synchronized_backward"):
+        monkeypatch.setattr(ops, name, getattr(sync_spy, name))
+    monkeypatch.setattr(ops, "kernels", lambda: spy)
+    bn = dt.SyncBatchNorm(3, strategy=CountingStrategy(replicas))
+    x = layout(torch.randn(*shape), fmt).requires_grad_(True)
+    dy = layout(torch.randn(*shape), fmt)
+    y = bn(x)
+    y.backward(dy)
+    fmt = fmt or torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(memory_format=fmt)
+    forward, backward = seen[0], seen[-1]
+    assert forward[0] == ("train_forward" if replicas == 1 else "synchronized_moments")
+    assert forward[1][0][0] == x.data_ptr()
+    assert backward[0] == ("train_backward" if replicas == 1 else "synchronized_backward")
+    assert [p for p, _ in backward[1]] == [dy.data_ptr(), x.data_ptr()]
+    # The numpy views walk memory in order: C-contiguous in the permuted layout.
+    for _, arrays in seen:
+        for _, strides in arrays:
+            assert list(strides) == sorted(strides, reverse=True)
+
+
 def test_one_replica_makes_no_collective():
     strat = CountingStrategy(1)
     bn = dt.SyncBatchNorm(3, strategy=strat)

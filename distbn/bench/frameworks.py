@@ -4,7 +4,9 @@ At one rank: forward+backward of `distbn.torch.SyncBatchNorm` (one replica: the 
 kernels) over `torch.nn.BatchNorm2d` in the same process, contiguous and channels_last,
 paired samples (`distbn.torch.bench.measure`). At N ranks: synchronized over every rank
 vs replica-local (`sync_group=1`), the slowest rank's time per sample
-(`distbn.torch.bench.measure_sync`). Without torch the suite records nothing and says so.
+(`distbn.torch.bench.measure_sync`), and a DDP training step of the example ResNet with
+distbn's synchronized BN vs PyTorch's replica-local BN (`measure_resnet_step`, from a
+checkout). Without torch the suite records nothing and says so.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def run(ctx: Context) -> list[dict]:
     else:
         raw = bench.measure_sync(shape=shape, samples=samples, calls=ctx.pick(3, 2, 1),
                                  comm=ctx.comm)
+        raw += bench.measure_resnet_step(global_batch=ctx.pick(64, 32, 4 * ctx.size),
+                                         samples=samples, steps=ctx.pick(4, 2, 1),
+                                         warmup=ctx.pick(3, 2, 1), comm=ctx.comm)
     records = []
     for rec in raw:
         params = dict(rec["params"])

@@ -2,15 +2,18 @@
 
     python -m distbn.torch.bench [--shape 64,64,32,32] [--dtype float32] [--threads 1]
                                  [--samples 15] [--json]
-    mpiexec -n 2 python -m mpi4py -m distbn.torch.bench [same options]
+    mpiexec -n 2 python -m mpi4py -m distbn.torch.bench [same options] [--resnet-steps 8]
 
 One process: each sample times forward+backward (`y = bn(x); y.backward(dy)`) of
 distbn's module (one replica) and PyTorch's, one after the other in alternating order,
 so the ratio is taken per pair on a noisy machine (`measure`). Under mpiexec with
 several ranks: the same module synchronized over every rank against it replica-local
 (`sync_group=1`), at the same per-rank shape, each sample started after a barrier and
-timed on the slowest rank (`measure_sync`). The report gives medians; both functions
-return records for `distbn bench`.
+timed on the slowest rank (`measure_sync`); and a DDP training step of the example
+ResNet (`examples/torch_resnet.py`, from a checkout) with distbn's synchronized BN
+against the same model with PyTorch's replica-local BN, the two models stepped in
+alternating order per sample (`measure_resnet_step`). The report gives medians; the
+functions return records for `distbn bench`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from distbn.torch._import import require_torch
 
 torch = require_torch()
 
-__all__ = ["measure", "measure_sync", "main"]
+__all__ = ["measure", "measure_sync", "measure_resnet_step", "resnet_example", "main"]
 
 _LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -169,6 +172,124 @@ def measure_sync(shape=(64, 64, 32, 32), dtype="float32", threads=1, samples=15,
     return records
 
 
+def resnet_example():
+    """The module `examples/torch_resnet.py` of this checkout, or None (an installed wheel).
+
+    The bench times the example's own model rather than a copy of it.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "torch_resnet.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("distbn_example_torch_resnet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3, seed=0,
+                        comm=None):
+    """Time a DDP training step of the example ResNet, synchronized BN vs PyTorch's local BN.
+
+    Both models start from the same weights, are channels_last (as the example trains)
+    and wrapped in DistributedDataParallel over the process group from
+    `distbn.torch.init_process_group` (started here if none is). Each sample times
+    `steps` SGD steps (forward, loss, backward with DDP's gradient all-reduce,
+    optimizer step) of one model after a barrier, the slowest rank's time; the two
+    models alternate which goes first. Collective over `comm`.
+
+    Args:
+        global_batch: samples per step over all ranks (each rank its contiguous shard).
+        threads: torch and numba threads per rank.
+        samples: timed pairs.
+        steps: training steps per sample.
+        warmup: untimed steps of each model first.
+        seed: of the weights and the data.
+        comm: the mpi4py communicator (default COMM_WORLD).
+
+    Returns:
+        One record (the same on every rank): value = median ratio of the synchronized
+        to the replica-local step time; [] when the example is not in this checkout.
+    """
+    from mpi4py import MPI
+
+    from distbn.distribute import MPIStrategy
+    from distbn.torch.convert import convert_sync_batchnorm
+    from distbn.torch.process_group import init_process_group
+
+    example = resnet_example()
+    if example is None:
+        return []
+    comm = MPI.COMM_WORLD if comm is None else comm
+    strategy = MPIStrategy(comm)
+    dist = torch.distributed
+    started = not dist.is_initialized()
+    if started:
+        init_process_group(strategy=strategy)
+    old_threads = torch.get_num_threads()
+    _set_threads(threads)
+    try:
+        # Random images of the example's shape (16x16 RGB, 10 classes; the time does not
+        # depend on the values): NHWC memory seen as NCHW, channels_last as it trains.
+        gen = torch.Generator().manual_seed(seed)
+        rows = example.shard(global_batch, comm.rank, comm.size)
+        batches = [(torch.randn(global_batch, 16, 16, 3, generator=gen)[rows]
+                    .permute(0, 3, 1, 2),
+                    torch.randint(0, 10, (global_batch,), generator=gen)[rows])
+                   for _ in range(4)]
+        runs = {}
+        for name in ("sync", "local"):
+            torch.manual_seed(seed)
+            model = example.ResNet()
+            if name == "sync":
+                model = convert_sync_batchnorm(model, strategy=strategy)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model.to(memory_format=torch.channels_last))
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            runs[name] = (model, opt)
+        scale = comm.size / global_batch
+        step_count = [0]
+
+        def train(name, n):
+            model, opt = runs[name]
+            for _ in range(n):
+                x, y = batches[step_count[0] % len(batches)]
+                step_count[0] += 1
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+                (loss * scale).backward()
+                opt.step()
+
+        for name in runs:
+            train(name, warmup)
+        times = {"sync": [], "local": []}
+        for i in range(samples):
+            for name in (("sync", "local") if i % 2 == 0 else ("local", "sync")):
+                comm.Barrier()
+                start = time.perf_counter()
+                train(name, steps)
+                t = (time.perf_counter() - start) / steps
+                times[name].append(comm.allreduce(t, op=MPI.MAX))
+    finally:
+        _set_threads(old_threads)
+        if started:
+            dist.destroy_process_group()
+        strategy.close()
+    ratios = [a / b for a, b in zip(times["sync"], times["local"], strict=True)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return [{
+        "name": "torch_resnet_step", "metric": "time_ratio_vs_local",
+        "value": statistics.median(ratios), "unit": "ratio", "world_size": comm.size,
+        "params": {"model": "examples/torch_resnet.py ResNet", "layout": "channels_last",
+                   "global_batch": global_batch, "threads": threads, "samples": samples,
+                   "steps": steps, "sync_ms": 1e3 * statistics.median(times["sync"]),
+                   "local_ms": 1e3 * statistics.median(times["local"]),
+                   "ratio_q1": q[0], "ratio_q3": q[2], "ratios": ratios},
+    }]
+
+
 def main(argv=None) -> int:
     """`python -m distbn.torch.bench`: print the ratio per layout (or JSON records)."""
     p = argparse.ArgumentParser(prog="python -m distbn.torch.bench", description=__doc__,
@@ -178,6 +299,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=15)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--resnet-steps", type=int, default=4,
+                   help="under mpiexec: training steps of the example ResNet per sample "
+                        "(0: skip it; default %(default)s)")
+    p.add_argument("--global-batch", type=int, default=64,
+                   help="the ResNet step's global batch (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     args = p.parse_args(argv)
     try:
@@ -186,6 +312,8 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         p.error(f"--shape must be four positive ints N,C,H,W, got {args.shape!r}")
+    if args.global_batch < 1:
+        p.error(f"--global-batch must be a positive int, got {args.global_batch!r}")
     from distbn.memory import malloc_setting, retain_freed_memory
 
     # As distbn's other commands: freed arrays stay mapped (no page faults per call),
@@ -196,6 +324,9 @@ def main(argv=None) -> int:
     world = launched_world_size()
     if world > 1:
         records = measure_sync(shape, args.dtype, args.threads, args.samples, args.calls)
+        if args.resnet_steps > 0:
+            records += measure_resnet_step(args.global_batch, args.threads, args.samples,
+                                           args.resnet_steps)
     else:
         records = measure(shape, args.dtype, args.threads, args.samples, args.calls)
     for r in records:
@@ -215,7 +346,12 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}")
     for r in records:
         pr = r["params"]
-        if world > 1:
+        if r["name"] == "torch_resnet_step":
+            print(f"  ResNet step (global batch {pr['global_batch']}, DDP): synchronized BN "
+                  f"{pr['sync_ms']:7.2f} ms   PyTorch's local BN {pr['local_ms']:7.2f} ms   "
+                  f"ratio {r['value']:.3f} (quartiles {pr['ratio_q1']:.3f}-"
+                  f"{pr['ratio_q3']:.3f})")
+        elif world > 1:
             print(f"  {pr['layout']:<14} synchronized {pr['sync_ms']:7.2f} ms   "
                   f"replica-local {pr['local_ms']:7.2f} ms   ratio {r['value']:.3f} "
                   f"(quartiles {pr['ratio_q1']:.3f}-{pr['ratio_q3']:.3f})")

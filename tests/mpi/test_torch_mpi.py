@@ -191,3 +191,15 @@ def test_bench_measure_sync_records_agree_on_every_rank(comm):
     assert all(e == every[0] for e in every)
     assert [r["world_size"] for r in records] == [comm.size] * 2
     assert all(r["value"] > 0 for r in records)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_bench_resnet_step_record_agrees_on_every_rank(comm):
+    from distbn.torch.bench import measure_resnet_step
+
+    records = measure_resnet_step(global_batch=2 * comm.size, samples=1, steps=1, warmup=1,
+                                  comm=comm)
+    every = comm.allgather([(r["name"], r["value"]) for r in records])
+    assert all(e == every[0] for e in every)
+    assert len(records) == 1 and records[0]["world_size"] == comm.size
+    assert records[0]["value"] > 0 and records[0]["params"]["sync_ms"] > 0
