@@ -252,7 +252,7 @@ class Sequential:
         return np.concatenate([self(x[i:i + batch_size], training=False)
                                for i in range(0, len(x), batch_size)])
 
-    def backward(self, dy, regularization_scale=1.0):
+    def backward(self, dy, regularization_scale=1.0, input_grad=True):
         """Backward pass of the last call: sets every trainable weight's `.grad`.
 
         Args:
@@ -261,9 +261,13 @@ class Sequential:
                 (1 = as the layers do). Under data parallelism the gradients are summed
                 over ranks, so pass 1/num_replicas (or 1 on one rank, 0 on the others)
                 to count the penalty once.
+            input_grad: False: the gradient w.r.t. the model input is not needed (the
+                input is data), so layers that read only the input and can skip it
+                (`input_grad_optional`: Conv2D, Dense) compute their weights' gradients
+                alone.
 
         Returns:
-            The gradient w.r.t. the model input.
+            The gradient w.r.t. the model input (None with `input_grad=False`).
         """
         grads = {self._layers[-1].name: dy} if self._layers else {INPUT: dy}
         for i in reversed(self.order):
@@ -272,14 +276,20 @@ class Sequential:
                 raise ValueError(f"{type(self).__name__} {self.name!r}: the output of layer "
                                  f"{layer.name!r} feeds no other layer nor the output")
             d = grads.pop(layer.name)
-            if layer.name not in self._fused:  # a fused ReLU's BN differentiates it
-                d = layer.backward(d)
             names = self.sources(i)
+            if layer.name in self._fused:  # a fused ReLU's BN differentiates it
+                pass
+            elif (not input_grad and layer.input_grad_optional
+                  and all(name == INPUT for name in names)):
+                layer.backward(d, input_grad=False)
+                continue
+            else:
+                d = layer.backward(d)
             for name, g in zip(names, d if getattr(layer, "multi_input", False) else [d],
                                strict=True):
                 # An output used by several layers gets the sum of their gradients.
                 grads[name] = g if name not in grads else grads[name] + g
-        dy = grads[INPUT]
+        dy = grads.get(INPUT) if input_grad else None
         if regularization_scale != 1.0:
             for w in self.trainable_weights:
                 if w.regularizer is not None and w.grad is not None:

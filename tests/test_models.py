@@ -202,3 +202,42 @@ def test_small_model_learns():
         model.backward(g / len(x))
         opt.apply(model.trainable_weights)
     assert losses.accuracy(model(x), y) >= 124
+
+
+@pytest.mark.parametrize("first", ["conv", "dense", "branches"])
+def test_backward_without_the_input_gradient_gives_the_same_weight_gradients(first):
+    # The trainer never needs dL/dx of the data: input_grad=False lets the layers that
+    # read the input skip it; every weight's gradient must be the same bits.
+    from distbn.models import Model
+
+    rng = np.random.default_rng(4)
+    f64 = {"dtype": "float64"}
+    if first == "conv":
+        model = Sequential([L.Conv2D(4, 3, padding="same", kernel_regularizer="l2", **f64),
+                            L.BatchNormalization(**f64), L.ReLU(**f64),
+                            L.GlobalAveragePooling2D(**f64), L.Dense(3, **f64)])
+        x = rng.standard_normal((5, 6, 6, 3))
+    elif first == "dense":
+        model = Sequential([L.Dense(6, activation="relu", **f64), L.Dense(3, **f64)])
+        x = rng.standard_normal((5, 4))
+    else:  # the input feeds a Dense and a ReLU: the ReLU's input gradient is still made
+        model = Model([L.Dense(4, name="a", **f64), L.ReLU(name="b", **f64),
+                       L.Concatenate(name="c", **f64), L.Dense(3, name="d", **f64)],
+                      inputs={"b": ["input"], "c": ["a", "b"]})
+        x = rng.standard_normal((5, 4))
+    dy = rng.standard_normal(model(x, training=True).shape)
+    want_dx = model.backward(dy)
+    want = [w.grad.copy() for w in model.trainable_weights]
+    model(x, training=True)
+    calls = []
+    for layer in model.layers:
+        def spy(d, _real=layer.backward, _name=layer.name, **kw):
+            calls.append((_name, kw.get("input_grad", True)))
+            return _real(d, **kw)
+        layer.backward = spy
+    assert model.backward(dy, input_grad=False) is None
+    skipped = {name for name, wanted in calls if not wanted}
+    assert skipped == {model.layers[0].name}  # the layer reading the input, only
+    got = [w.grad for w in model.trainable_weights]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert want_dx is not None and want_dx.shape == x.shape

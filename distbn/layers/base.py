@@ -109,6 +109,11 @@ class Layer:
     #: such a layer has `synchronized`, `moving_mean`, `moving_variance`, `epsilon` and
     #: `batch_moments`. The trainer and tools ask this, never the class name.
     has_moving_statistics = False
+    #: True on layers whose `backward(dy, input_grad=False)` sets the weights' gradients
+    #: and skips the input gradient (returning None): a model's first layer needs only its
+    #: weights' (the input is data), and for a convolution on a few input channels the
+    #: input gradient is most of its backward.
+    input_grad_optional = False
 
     def __init__(self, name=None, dtype=None, trainable=True, **kwargs):
         if kwargs:

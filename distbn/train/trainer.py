@@ -193,7 +193,8 @@ class Trainer:
         per_sample, dout = self.loss_fn(out, y)
         # d(mean over the GLOBAL batch): each rank's share, so the ranks' sum is exact.
         dout = dout / np.asarray(n_global, dtype=dout.dtype)
-        self.model.backward(dout, regularization_scale=1.0 if self.rank == 0 else 0.0)
+        self.model.backward(dout, regularization_scale=1.0 if self.rank == 0 else 0.0,
+                            input_grad=False)
         self._reduce()
         clip = self.config.train.optimizer.global_clipnorm
         if clip is not None:
