@@ -61,9 +61,9 @@ def _numba_ok(*arrays) -> bool:
 
 def _run(kernel, name, size, *args):
     """A numba kernel through the fused backend's first-call lock and small-input rule."""
-    from distbn.ops.fused import _call
+    from distbn.ops.fused import run_kernel
 
-    _call(kernel, (name, args[0].dtype.char), size, *args)
+    run_kernel(kernel, (name, args[0].dtype.char), size, *args)
 
 
 # --- the ReLU family ---------------------------------------------------------------------------

@@ -100,11 +100,11 @@ def _im2col(x, geo, pads):
     if not _use_numba(x):
         return np.ascontiguousarray(_im2col_reference(x, geo, pads))
     from distbn.ops import _conv_kernels as _k
-    from distbn.ops.fused import _call
+    from distbn.ops.fused import run_kernel
 
     n, _, _, c = x.shape
     cols = np.empty((n * geo.ho * geo.wo, geo.kh * geo.kw * c), dtype=x.dtype)
-    _call(_k.im2col, ("im2col", x.dtype.char, x.flags.c_contiguous), cols.size, x,
+    run_kernel(_k.im2col, ("im2col", x.dtype.char, x.flags.c_contiguous), cols.size, x,
           *geo.scalars(), cols)
     return cols
 
@@ -126,9 +126,9 @@ def col2im(dcols, input_shape, kernel_hw, strides, dilation, pads, out_hw, out=N
         out = np.empty(tuple(input_shape), dtype=dcols.dtype)
     if _use_numba(dcols, out):
         from distbn.ops import _conv_kernels as _k
-        from distbn.ops.fused import _call
+        from distbn.ops.fused import run_kernel
 
-        _call(_k.col2im, ("col2im", out.dtype.char, out.flags.c_contiguous), dcols.size,
+        run_kernel(_k.col2im, ("col2im", out.dtype.char, out.flags.c_contiguous), dcols.size,
               np.ascontiguousarray(dcols), *geo.scalars(), out)
         return out
     n, h, w, c = input_shape

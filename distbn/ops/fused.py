@@ -183,7 +183,7 @@ def _file_lock(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _call(kernel, key, size, *args):
+def run_kernel(kernel, key, size, *args):
     """Run `kernel(*args)` on an input of `size` elements.
 
     Small inputs run on one thread. The first call per `key` (kernel and argument
@@ -197,7 +197,7 @@ def _call(kernel, key, size, *args):
         if threads > 1:
             numba.set_num_threads(1)
             try:
-                return _call(kernel, key, PARALLEL_MIN_ELEMS, *args)
+                return run_kernel(kernel, key, PARALLEL_MIN_ELEMS, *args)
             finally:
                 numba.set_num_threads(threads)
     if key in _ready:
@@ -230,12 +230,12 @@ def local_mean_m2(x, reduce_axes, mask=None):
         return _ref.local_mean_m2(x, tuple(reduce_axes), mask)
     key = _key("moments", geo, x, flags is None)
     if geo.kind == "rows":
-        count, mean, m2 = _call(_k.rows_moments, key, x.size, x.reshape(geo.shape2), flags,
+        count, mean, m2 = run_kernel(_k.rows_moments, key, x.size, x.reshape(geo.shape2), flags,
                                 geo.rows_per_block)
     else:
         x3 = x.reshape(geo.outer, geo.nch, geo.inner)
         pflags = None if flags is None else flags.reshape(geo.outer, geo.nch)
-        count, mean, m2 = _call(_k.planes_moments, key, x.size, x3, pflags,
+        count, mean, m2 = run_kernel(_k.planes_moments, key, x.size, x3, pflags,
                                 *geo.reduce_blocks)
     shape = geo.param_shape
     if len(shape) == 1:
@@ -283,7 +283,7 @@ def normalize(x, mean, var, gamma, beta, epsilon, reduce_axes):
     b = var if beta is None else _vec64(beta, geo)
     out = np.empty_like(x)
     kernel = _k.rows_normalize if geo.kind == "rows" else _k.planes_normalize
-    _call(kernel, _key("normalize", geo, x), x.size, x.reshape(geo.shape2), mean, var, g, b,
+    run_kernel(kernel, _key("normalize", geo, x), x.size, x.reshape(geo.shape2), mean, var, g, b,
           float(epsilon), gamma is not None, beta is not None, out.reshape(geo.shape2),
           *geo.elementwise_args)
     return out
@@ -314,11 +314,11 @@ def train_forward(x, reduce_axes, mask, gamma, beta, epsilon, moving_mean, movin
             moving_mean.reshape(geo.nch), moving_var.reshape(geo.nch), float(momentum))
     key = _key("train_forward", geo, x, moving_mean.dtype.char, moving_var.dtype.char)
     if geo.kind == "rows":
-        count, mean, var = _call(_k.rows_train_forward, key, x.size, x.reshape(geo.shape2),
+        count, mean, var = run_kernel(_k.rows_train_forward, key, x.size, x.reshape(geo.shape2),
                                  geo.rows_per_block, *args, out.reshape(geo.shape2))
     else:
         shape3 = (geo.outer, geo.nch, geo.inner)
-        count, mean, var = _call(_k.planes_train_forward, key, x.size, x.reshape(shape3),
+        count, mean, var = run_kernel(_k.planes_train_forward, key, x.size, x.reshape(shape3),
                                  *geo.reduce_blocks, *args, out.reshape(shape3))
     shape = geo.param_shape
     if len(shape) > 1:
@@ -340,7 +340,7 @@ def train_backward(dy, x, mean, inv_std, gamma, count, reduce_axes, mask=None):
     shape3 = (geo.outer, geo.nch, geo.inner)
     dx = np.empty_like(x)
     key = _key("train_backward", geo, x, dy.flags.writeable)
-    sums = _call(_k.planes_train_backward, key, x.size, dy.reshape(shape3), x.reshape(shape3),
+    sums = run_kernel(_k.planes_train_backward, key, x.size, dy.reshape(shape3), x.reshape(shape3),
                  _vec64(mean, geo), _vec64(inv_std, geo),
                  _UNUSED if gamma is None else _vec64(gamma, geo), gamma is not None,
                  _vec64(count, geo), geo.reduce_blocks[0], dx.reshape(shape3))
@@ -365,11 +365,11 @@ def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:
     mu = _channel_vec(mean, _F64, geo)
     key = _key("grad_sums", geo, x, dy.flags.writeable)
     if geo.kind == "rows":
-        out = _call(_k.rows_grad_sums, key, x.size, dy.reshape(geo.shape2),
+        out = run_kernel(_k.rows_grad_sums, key, x.size, dy.reshape(geo.shape2),
                     x.reshape(geo.shape2), mu, geo.rows_per_block)
     else:
         shape3 = (geo.outer, geo.nch, geo.inner)
-        out = _call(_k.planes_grad_sums, key, x.size, dy.reshape(shape3), x.reshape(shape3),
+        out = run_kernel(_k.planes_grad_sums, key, x.size, dy.reshape(shape3), x.reshape(shape3),
                     mu, *geo.reduce_blocks)
     out[1] *= _channel_vec(inv_std, _F64, geo)
     return out.reshape((2,) + geo.param_shape)
@@ -410,7 +410,7 @@ def input_grad(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xhat, count, reduce_a
     vecs = [_channel_vec(v, x.dtype, geo) for v in (a, mean, k, c1)]
     out = np.empty_like(x)
     kernel = _k.rows_input_grad if geo.kind == "rows" else _k.planes_input_grad
-    _call(kernel, _key("input_grad", geo, x, dy.flags.writeable, flags is None), x.size,
+    run_kernel(kernel, _key("input_grad", geo, x, dy.flags.writeable, flags is None), x.size,
           dy.reshape(geo.shape2), x.reshape(geo.shape2), *vecs, flags,
           out.reshape(geo.shape2), *geo.elementwise_args)
     return out
@@ -442,7 +442,7 @@ def _affine(x, geo, scale, offset):
     """`x * scale + offset` per channel (the channel vectors already in x's dtype)."""
     out = np.empty_like(x)
     kernel = _k.rows_affine if geo.kind == "rows" else _k.planes_affine
-    _call(kernel, _key("affine", geo, x), x.size, x.reshape(geo.shape2), scale,
+    run_kernel(kernel, _key("affine", geo, x), x.size, x.reshape(geo.shape2), scale,
           offset, out.reshape(geo.shape2), *geo.elementwise_args)
     return out
 
