@@ -132,3 +132,13 @@ def prod(shape) -> int | None:
     if any(d is None for d in shape):
         return None
     return math.prod(shape)
+
+
+def no_activity_regularizer(layer_name: str, value) -> None:
+    # Accepted for Keras-config compatibility; an activity penalty would need the
+    # activations' gradient wired into backward, which no distbn model uses yet.
+    if value is not None:
+        raise ValueError(
+            f"{layer_name}: activity_regularizer is not supported, got "
+            f"activity_regularizer={value!r}"
+        )

@@ -9,7 +9,6 @@ import numpy as np
 
 from distbn.layers import _common, activations
 from distbn.layers.base import Layer
-from distbn.layers.core import _no_activity_regularizer
 from distbn.ops import conv as conv_ops
 from distbn.ops.conv import window_slice
 
@@ -60,7 +59,7 @@ class Conv2D(Layer):
         self.groups = 1
         self.activation = activations.get(activation)
         self.use_bias = bool(use_bias)
-        _no_activity_regularizer(self.name, activity_regularizer)
+        _common.no_activity_regularizer(self.name, activity_regularizer)
         _common.resolve_weight_args(
             self, ("kernel", "bias"),
             {"kernel": kernel_initializer, "bias": bias_initializer},
@@ -243,7 +242,7 @@ class Conv1D(Layer):
                              f"groups={self.groups}")
         self.activation = activations.get(activation)
         self.use_bias = bool(use_bias)
-        _no_activity_regularizer(self.name, activity_regularizer)
+        _common.no_activity_regularizer(self.name, activity_regularizer)
         _common.resolve_weight_args(
             self, ("kernel", "bias"),
             {"kernel": kernel_initializer, "bias": bias_initializer},

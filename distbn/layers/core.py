@@ -15,16 +15,6 @@ __all__ = ["Dense", "Flatten", "Activation", "ReLU", "Dropout", "dropout_bits",
            "check_sample_ids"]
 
 
-def _no_activity_regularizer(layer_name: str, value) -> None:
-    # Accepted for Keras-config compatibility; an activity penalty would need the
-    # activations' gradient wired into backward, which no distbn model uses yet.
-    if value is not None:
-        raise ValueError(
-            f"{layer_name}: activity_regularizer is not supported, got "
-            f"activity_regularizer={value!r}"
-        )
-
-
 class Dense(Layer):
     """`activation(x @ kernel + bias)` on the last axis of an N-D input.
 
@@ -47,7 +37,7 @@ class Dense(Layer):
         self.units = _common.check_positive_int(units, "units")
         self.activation = activations.get(activation)
         self.use_bias = bool(use_bias)
-        _no_activity_regularizer(self.name, activity_regularizer)
+        _common.no_activity_regularizer(self.name, activity_regularizer)
         _common.resolve_weight_args(
             self, ("kernel", "bias"),
             {"kernel": kernel_initializer, "bias": bias_initializer},

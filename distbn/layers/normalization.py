@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from distbn import constraints, initializers, regularizers
-from distbn.checks import check_bool, check_int, check_number, is_int, is_number
 from distbn import ops as _ops
+from distbn.checks import check_bool, check_int, check_number, is_int, is_number
 from distbn.distribute import get_strategy
 from distbn.layers.base import Layer
 from distbn.ops import activation as _act
