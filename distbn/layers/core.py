@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from distbn import random as _random
+from distbn.checks import check_int, check_number
 from distbn.layers import _common, activations
 from distbn.layers.base import Layer
 from distbn.ops import activation as activation_ops
@@ -193,10 +194,7 @@ class Activation(Layer):
 def _non_negative(value, name: str, allow_none: bool = False):
     if value is None and allow_none:
         return None
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a non-negative finite number, got {name}={value!r}")
-    return float(value)
+    return check_number(value, name, low=0, what="a non-negative finite number")
 
 
 class ReLU(Layer):
@@ -320,18 +318,13 @@ class Dropout(Layer):
 
     def __init__(self, rate, noise_shape=None, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if (isinstance(rate, bool) or not isinstance(rate, (int, float, np.number))
-                or not 0 <= rate <= 1):
-            raise ValueError(f"rate must be a float in [0, 1], got rate={rate!r}")
-        self.rate = float(rate)
+        self.rate = check_number(rate, "rate", low=0, high=1)
         if noise_shape is not None:
             noise_shape = tuple(noise_shape)
         self.noise_shape = noise_shape
         if seed is None:
             seed = int(_random.generator().integers(0, 2**31 - 1))
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an int or None, got seed={seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed", what="an int or None")
         self._calls = 0
         self._mask = None
 
