@@ -4,8 +4,9 @@ Every collective the Keras adapter makes goes through here, on host numpy buffer
 the strategy (`sync_all_reduce` for batch statistics, `all_reduce` for gradients,
 `broadcast` for variables), so sync groups, check mode, the stall watchdog and the abort
 hook apply unchanged. JAX reaches the host with ordered `io_callback`s (traced once,
-inside `jit`; "ordered" makes every rank issue its collectives in program order);
-PyTorch eagerly, from an autograd Function.
+inside `jit`; "ordered" makes every rank issue its collectives in program order) that
+carry only per-channel buffers: the local (count, mean, M2) is computed in XLA; PyTorch
+eagerly, from an autograd Function, on the tensor's own memory.
 
 The statistics' backward: with global moments mean = ΣMx/N and var = ΣM(x-mean)²/N,
 every rank's loss depends on them, so d(Σ_ranks L)/dx_i needs the cotangents summed
