@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from distbn.ops import (ill_conditioned, kernels, moments_from_sums, pack_moments,
-                        shifted_sums, unpack_moments)
+from distbn.ops import (
+    ill_conditioned,
+    kernels,
+    moments_from_sums,
+    pack_moments,
+    shifted_sums,
+    unpack_moments,
+)
 
 __all__ = [
     "host_moments",
