@@ -1,19 +1,18 @@
-"""Which kernels numpy's OpenBLAS runs, and the better choice on CPUs newer than its table.
+"""Which kernels numpy's OpenBLAS runs: its core, and when it is held below the CPU.
 
-OpenBLAS picks its kernels from a table of CPU models. A CPU newer than the table gets
-the kernels of an older core: this project's AMD Zen 5 VM (cpu family 26) is run as
-"Haswell" (AVX2) though it has AVX-512, and numpy's GEMMs (Conv2D, Dense) take ~1.6x
-the time of OpenBLAS's SkylakeX kernels (docs/benchmarks.md, "BLAS kernels"). The
-choice is read once, when OpenBLAS loads, from `OPENBLAS_CORETYPE`; a process that has
-imported numpy can no longer change it, so distbn sets it only for the ranks it starts
-on this machine (`distbn.mpiexec.rank_env`), never over a value the user set.
+OpenBLAS picks its kernels from the CPU, unless `OPENBLAS_CORETYPE` names a core. An
+environment that pins an older core (this project's 2-core AMD Zen 5 VM sets
+`OPENBLAS_CORETYPE=Haswell`, AVX2, though the CPU has AVX-512 and OpenBLAS would choose
+SkylakeX) makes numpy's GEMMs (Conv2D, Dense) take ~1.6x the time (docs/benchmarks.md,
+"BLAS kernels"). distbn reports it (`distbn info`, every benchmark's environment) and
+never overrides a value the user set; the variable is read once, when OpenBLAS loads.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["openblas_core", "cpu_has_avx512", "better_openblas_core", "CORETYPE_ENV"]
+__all__ = ["openblas_core", "cpu_has_avx512", "held_below_cpu", "CORETYPE_ENV"]
 
 CORETYPE_ENV = "OPENBLAS_CORETYPE"
 
@@ -59,10 +58,8 @@ def cpu_has_avx512() -> bool:
     return False
 
 
-def better_openblas_core() -> str | None:
-    """"SkylakeX" when numpy's OpenBLAS runs AVX2-or-older kernels on a CPU with the
-    AVX-512 subsets SkylakeX's kernels use; else None (nothing better to choose)."""
+def held_below_cpu() -> bool:
+    """True when numpy's OpenBLAS runs AVX2-or-older kernels on a CPU with the AVX-512
+    subsets OpenBLAS's SkylakeX kernels use (e.g. an OPENBLAS_CORETYPE that pins them)."""
     core = openblas_core()
-    if core is not None and core.lower() in _PRE_AVX512_CORES and cpu_has_avx512():
-        return "SkylakeX"
-    return None
+    return core is not None and core.lower() in _PRE_AVX512_CORES and cpu_has_avx512()

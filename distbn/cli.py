@@ -98,7 +98,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"distbn launch: error: {exc}", file=sys.stderr)
         return 2 if args.mpiexec else 1
-    env = rank_env(local=args.hostfile is None)
+    env = rank_env()
     try:
         if sys.stderr.isatty():
             env.setdefault(TTY_ENV, "1")  # the ranks' progress bar still reaches a terminal

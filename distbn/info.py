@@ -15,8 +15,8 @@ __all__ = ["blas_info", "kernels_info", "environment", "format_info", "loaded_mp
 
 def blas_info() -> str:
     """The BLAS numpy was built with and, for OpenBLAS, the core its kernels are for, e.g.
-    'scipy-openblas 0.3.29, core Haswell (the CPU has AVX-512: OPENBLAS_CORETYPE=SkylakeX
-    uses it)'."""
+    'scipy-openblas 0.3.29, core Haswell (OPENBLAS_CORETYPE=Haswell is set; the CPU has
+    AVX-512, which OpenBLAS's SkylakeX kernels use)'."""
     import numpy as np
 
     try:
@@ -29,9 +29,10 @@ def blas_info() -> str:
     if core is None:
         return text
     text += f", core {core}"
-    better = blas.better_openblas_core()
-    if better:
-        text += f" (the CPU has AVX-512: OPENBLAS_CORETYPE={better} uses it)"
+    if blas.held_below_cpu():
+        pinned = os.environ.get(blas.CORETYPE_ENV)
+        why = f"{blas.CORETYPE_ENV}={pinned} is set; " if pinned else ""
+        text += f" ({why}the CPU has AVX-512, which OpenBLAS's SkylakeX kernels use)"
     return text
 
 

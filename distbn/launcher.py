@@ -216,4 +216,4 @@ def run_mpiexec(nprocs: int, argv, *, mpiexec: str | None = None, hostfile: str 
 
     cmd = mpiexec_command(nprocs, list(argv), mpiexec=mpiexec, hostfile=hostfile,
                           tag_output=tag_output)
-    return run_group(cmd, env=rank_env(env, local=hostfile is None), **kwargs)
+    return run_group(cmd, env=rank_env(env), **kwargs)

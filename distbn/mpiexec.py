@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distbn import blas
-
 __all__ = ["find_mpiexec", "mpiexec_flavour", "mpiexec_command", "rank_env", "THREAD_VARS"]
 
 # Every threading knob a BLAS or JIT runtime reads: one thread per rank unless the user chose.
@@ -97,22 +95,10 @@ def mpiexec_command(
     return cmd + list(argv)
 
 
-def rank_env(env: dict | None = None, local: bool = True) -> dict:
+def rank_env(env: dict | None = None) -> dict:
     """The environment of the ranks distbn starts: a copy of `env` (default os.environ)
-    with one BLAS/OpenMP thread per rank, unless set.
-
-    Args:
-        env: the base environment.
-        local: the ranks run on this machine (no hostfile): where numpy's OpenBLAS would
-            run AVX2 kernels on this CPU's AVX-512 (`distbn.blas`), OPENBLAS_CORETYPE is
-            set to the better core unless the user set it. Ranks on other hosts may have
-            other CPUs, so a hostfile launch leaves it alone.
-    """
+    with one BLAS/OpenMP thread per rank, unless set."""
     out = dict(os.environ if env is None else env)
     for var in THREAD_VARS:
         out.setdefault(var, "1")
-    if local and not out.get(blas.CORETYPE_ENV):
-        better = blas.better_openblas_core()
-        if better:
-            out[blas.CORETYPE_ENV] = better
     return out

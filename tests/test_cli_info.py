@@ -55,28 +55,14 @@ def test_blas_info_names_the_openblas_core_and_an_avx512_cpu_it_does_not_use(mon
         assert core and core in info.blas_info()  # this numpy's own OpenBLAS answers
     monkeypatch.setattr(blas, "openblas_core", lambda: "Haswell")
     monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert info.blas_info().endswith(", core Haswell (OPENBLAS_CORETYPE=Haswell is set; the "
+                                     "CPU has AVX-512, which OpenBLAS's SkylakeX kernels use)")
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
     assert info.blas_info().endswith(
-        ", core Haswell (the CPU has AVX-512: OPENBLAS_CORETYPE=SkylakeX uses it)")
+        ", core Haswell (the CPU has AVX-512, which OpenBLAS's SkylakeX kernels use)")
     monkeypatch.setattr(blas, "cpu_has_avx512", lambda: False)
     assert info.blas_info().endswith(", core Haswell")
     monkeypatch.setattr(blas, "openblas_core", lambda: "SkylakeX")
     monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
     assert info.blas_info().endswith(", core SkylakeX")
-
-
-def test_ranks_on_this_machine_get_the_better_openblas_core_unless_the_user_chose(
-        monkeypatch):
-    from distbn import blas
-    from distbn.mpiexec import rank_env
-
-    monkeypatch.setattr(blas, "openblas_core", lambda: "Haswell")
-    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
-    assert rank_env({})["OPENBLAS_CORETYPE"] == "SkylakeX"
-    assert rank_env({"OPENBLAS_CORETYPE": "Haswell"})["OPENBLAS_CORETYPE"] == "Haswell"
-    assert "OPENBLAS_CORETYPE" not in rank_env({}, local=False)  # other hosts, other CPUs
-    assert rank_env({})["OMP_NUM_THREADS"] == "1"
-    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: False)
-    assert "OPENBLAS_CORETYPE" not in rank_env({})
-    monkeypatch.setattr(blas, "openblas_core", lambda: None)  # not an OpenBLAS
-    monkeypatch.setattr(blas, "cpu_has_avx512", lambda: True)
-    assert "OPENBLAS_CORETYPE" not in rank_env({})
