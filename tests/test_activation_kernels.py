@@ -99,7 +99,7 @@ def test_backward_matches_central_differences_in_float64(kernels, restore_backen
         y, mask = A.relu_forward(x, **params)
         got = A.relu_backward(w, mask, params["negative_slope"])
 
-        def loss():
+        def loss(params=params):
             return float(np.sum(A.relu_forward(x, **params)[0] * w))
 
         np.testing.assert_allclose(got, numeric_grad(loss, x), rtol=1e-6, atol=1e-7)

@@ -131,9 +131,11 @@ def test_int_accepted_for_float_and_1e_notation_is_a_float():
 
 @pytest.mark.parametrize("old,new,line,expected", [
     ("learning_rate: 0.1", "learning_rate: -0.1", 16,
-     "train.optimizer.learning_rate: SGD: learning_rate must be a non-negative finite float, got learning_rate=-0.1"),
+     "train.optimizer.learning_rate: SGD: learning_rate must be a non-negative finite float, "
+     "got learning_rate=-0.1"),
     ("learning_rate: 0.1", "learning_rate: .inf", 16,
-     "train.optimizer.learning_rate: SGD: learning_rate must be a non-negative finite float, got learning_rate=inf"),
+     "train.optimizer.learning_rate: SGD: learning_rate must be a non-negative finite float, "
+     "got learning_rate=inf"),
     ("learning_rate: 0.1", "learning_rate: 0.1\n    momentum: 1.0", 17,
      "train.optimizer.momentum: SGD: momentum must be a float in [0, 1), got momentum=1.0"),
     ("global_batch_size: 32", "global_batch_size: 0", 12,
@@ -414,7 +416,7 @@ def test_optimizer_entry_defaults_arguments_and_build():
     assert opt.kwargs == {"learning_rate": 0.1, "momentum": 0.9}
     assert opt.momentum == 0.9 and opt.nesterov is False and opt.weight_decay is None
     with pytest.raises(AttributeError, match="no argument 'beta_1'"):
-        opt.beta_1
+        _ = opt.beta_1
     assert parse_config({"model": {"layers": [{"type": "Dense", "units": 2}]}}) \
         .train.optimizer == parse(overrides=["train.optimizer={}"]).train.optimizer \
         .__class__()

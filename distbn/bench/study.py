@@ -72,8 +72,6 @@ from pathlib import Path
 
 import numpy as np
 
-from distbn.distribute.launch import current_world_size, finalize_mpi_for_exit
-from distbn.jsonl import JsonlWriter
 from distbn.bench.modes import (
     DEFAULT_MODES,
     MODE_SYNTAX,
@@ -85,6 +83,8 @@ from distbn.bench.modes import (
     normalization_batch,
     parse_modes,
 )
+from distbn.distribute.launch import current_world_size, finalize_mpi_for_exit
+from distbn.jsonl import JsonlWriter
 from distbn.train.callbacks import Callback
 
 __all__ = [
