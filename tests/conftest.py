@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 # Keras 3 picks its backend at import: the reference tests use JAX (the Keras adapter's
 # own tests choose per process). Without it Keras would look for TensorFlow.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -18,3 +20,13 @@ def pytest_ignore_collect(collection_path, config):
         if not any(p == MPI_DIR or MPI_DIR in p.parents for p in named):
             return True
     return None
+
+
+@pytest.fixture
+def restore_backend():
+    """Puts the kernel backend chosen for the session back after a test that switches it."""
+    from distbn.ops import backend
+
+    saved = dict(backend._state)
+    yield
+    backend._state.update(saved)

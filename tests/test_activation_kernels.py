@@ -7,6 +7,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from backends import both as _both
 from gradcheck import numeric_grad
 
 from distbn.ops import activation as A
@@ -14,22 +15,6 @@ from distbn.ops import backend
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="numba is not installed")
-
-
-@pytest.fixture
-def restore_backend():
-    saved = dict(backend._state)
-    yield
-    backend._state.update(saved)
-
-
-def _both(fn):
-    """fn() under the numpy reference and under the numba kernels."""
-    out = {}
-    for name in ("numpy", "numba"):
-        backend.set_backend(name)
-        out[name] = fn()
-    return out["numpy"], out["numba"]
 
 
 def _inputs(dtype, shape=(3, 5, 7, 4), seed=0):

@@ -18,13 +18,6 @@ BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
     importlib.util.find_spec("numba") is None, reason="numba is not installed"))]
 
 
-@pytest.fixture
-def restore_backend():
-    saved = dict(backend._state)
-    yield
-    backend._state.update(saved)
-
-
 def _cnn(dtype, bn_kwargs=None, relu_kwargs=None):
     bn_kwargs = {"momentum": 0.9, **(bn_kwargs or {})}
     layers = [L.Conv2D(4, 3, padding="same", use_bias=False, dtype=dtype,

@@ -23,13 +23,6 @@ needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 RNG = np.random.default_rng(20)
 
 
-@pytest.fixture
-def restore_backend():
-    saved = dict(backend._state)
-    yield
-    backend._state.update(saved)
-
-
 def geometry(hw, k, strides, dilation, padding):
     pads = pad_amounts(hw, k, strides, dilation, padding)
     out = tuple(conv_output_length(n, kk, padding, s, d)

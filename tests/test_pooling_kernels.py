@@ -7,6 +7,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from backends import both as _both
 from gradcheck import numeric_grad
 
 import distbn.layers as L
@@ -24,21 +25,6 @@ GEOMETRIES = [((8, 8), (2, 2), (2, 2), ((0, 0), (0, 0))),
               ((5, 6), (3, 2), (1, 1), ((1, 1), (0, 1))),
               ((4, 5), (2, 3), (1, 2), ((0, 1), (1, 1))),
               ((7, 8), (2, 2), (3, 3), ((0, 1), (0, 0)))]  # disjoint, with gaps
-
-
-@pytest.fixture
-def restore_backend():
-    saved = dict(backend._state)
-    yield
-    backend._state.update(saved)
-
-
-def _both(fn):
-    out = {}
-    for name in ("numpy", "numba"):
-        backend.set_backend(name)
-        out[name] = fn()
-    return out["numpy"], out["numba"]
 
 
 def _out_hw(hw, pool, strides, pads):
