@@ -19,14 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distbn.ops import (
-    ill_conditioned,
-    kernels,
-    moments_from_sums,
-    pack_moments,
-    shifted_sums,
-    unpack_moments,
-)
+from distbn.ops import kernels, pooled_moments
 
 __all__ = [
     "host_moments",
@@ -62,8 +55,8 @@ def host_pooled_moments(count, local_mean, m2, shift, moving_var, epsilon, strat
     """Global (mean, var, count) from this replica's local (count, mean, M2), float64.
 
     Only these 3C numbers cross to the host (the JAX path computes them in XLA): the
-    packed [S1, S2, n] makes the one collective, as `distbn.ops.synchronized_moments`,
-    whose steps after its local moments this repeats. Where the global batch has no
+    packed [S1, S2, n] makes the one collective (`distbn.ops.pooled_moments`, the
+    synchronized layer's own pooling). Where the global batch has no
     position (N = 0) the moving statistics come back, so Keras' moving-average update
     keeps them and the layer normalises with them.
     """
@@ -71,15 +64,9 @@ def host_pooled_moments(count, local_mean, m2, shift, moving_var, epsilon, strat
     local_mean = np.asarray(local_mean, dtype=np.float64)
     m2 = np.asarray(m2, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
-    s1, s2 = shifted_sums(count, local_mean, m2, shift)
-    total, s1, s2 = unpack_moments(
-        strategy.sync_all_reduce(pack_moments(count, s1, s2), name=name))
-    mean, var = moments_from_sums(total, s1, s2, shift)
-    if ill_conditioned(total, mean - shift, var, epsilon):
-        # As synchronized_moments: S2/N - (S1/N)² cancels when the shift is far from the
-        # mean, so sum the exact centred sums M2_r + n_r (mean_r - mean)² instead.
-        centred = np.ascontiguousarray(m2 + count * np.square(local_mean - mean))
-        var = strategy.sync_all_reduce(centred, name=name) / np.maximum(total, 1.0)
+    mean, var, total = pooled_moments(
+        count, local_mean, m2, shift, epsilon,
+        lambda buf: strategy.sync_all_reduce(buf, name=name))
     empty = total == 0
     if np.any(empty):
         mean = np.where(empty, shift, mean)

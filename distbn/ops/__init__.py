@@ -25,7 +25,12 @@ from distbn.ops.batch_norm import (
     update_moving,
 )
 from distbn.ops.conv import conv2d_backward, conv2d_forward
-from distbn.ops.sync import ill_conditioned, synchronized_backward, synchronized_moments
+from distbn.ops.sync import (
+    ill_conditioned,
+    pooled_moments,
+    synchronized_backward,
+    synchronized_moments,
+)
 
 __all__ = [
     "batch_norm", "conv", "conv2d_forward", "conv2d_backward",
@@ -33,5 +38,5 @@ __all__ = [
     "local_moments", "moments_from_sums", "normalize", "pack_moments", "reduce_axes_for",
     "shifted_sums", "unpack_moments", "kernels", "backend_name", "backend_info",
     "set_backend", "train_backward", "train_forward", "update_moving",
-    "ill_conditioned", "synchronized_backward", "synchronized_moments",
+    "ill_conditioned", "pooled_moments", "synchronized_backward", "synchronized_moments",
 ]

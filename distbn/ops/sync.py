@@ -14,7 +14,7 @@ import numpy as np
 from distbn.ops.backend import kernels
 from distbn.ops.batch_norm import moments_from_sums, pack_moments, shifted_sums, unpack_moments
 
-__all__ = ["ill_conditioned", "synchronized_backward", "synchronized_moments"]
+__all__ = ["ill_conditioned", "pooled_moments", "synchronized_backward", "synchronized_moments"]
 
 # Above this (mean - shift)² / (var + epsilon), the shifted float64 sums lose more than
 # about 1e-10 of the accuracy of var + epsilon, which is what the output depends on (the
@@ -46,6 +46,16 @@ def synchronized_moments(x, reduce_axes, mask, shift, epsilon, reduce):
         mean relative to the spread (every replica sees the same sums, so all take it).
     """
     count, local_mean, m2 = kernels().local_mean_m2(x, reduce_axes, mask)
+    return pooled_moments(count, local_mean, m2, shift, epsilon, reduce)
+
+
+def pooled_moments(count, local_mean, m2, shift, epsilon, reduce):
+    """`synchronized_moments` from this replica's local float64 (count, mean, M2), for
+    callers that compute those elsewhere (the Keras adapter does, inside XLA).
+
+    Returns:
+        (mean, var, count) over the global batch, as `synchronized_moments`.
+    """
     s1, s2 = shifted_sums(count, local_mean, m2, shift)
     total, s1, s2 = unpack_moments(reduce(pack_moments(count, s1, s2)))
     mean, var = moments_from_sums(total, s1, s2, shift)
