@@ -102,10 +102,14 @@ def _im2col(x, geo, pads):
     from distbn.ops import _conv_kernels as _k
     from distbn.ops.fused import run_kernel
 
-    n, _, _, c = x.shape
+    n, h, w, c = x.shape
     cols = np.empty((n * geo.ho * geo.wo, geo.kh * geo.kw * c), dtype=x.dtype)
-    run_kernel(_k.im2col, ("im2col", x.dtype.char, x.flags.c_contiguous), cols.size, x,
-          *geo.scalars(), cols)
+    if x.flags.c_contiguous:
+        run_kernel(_k.im2col_rows, ("im2col_rows", x.dtype.char), cols.size,
+                   x.reshape(n * h, w * c), h, w, c, *geo.scalars(), cols)
+    else:
+        run_kernel(_k.im2col, ("im2col", x.dtype.char), cols.size, x, *geo.scalars(),
+                   cols)
     return cols
 
 
@@ -128,8 +132,14 @@ def col2im(dcols, input_shape, kernel_hw, strides, dilation, pads, out_hw, out=N
         from distbn.ops import _conv_kernels as _k
         from distbn.ops.fused import run_kernel
 
-        run_kernel(_k.col2im, ("col2im", out.dtype.char, out.flags.c_contiguous), dcols.size,
-              np.ascontiguousarray(dcols), *geo.scalars(), out)
+        dcols = np.ascontiguousarray(dcols)
+        if out.flags.c_contiguous:
+            n, h, w, c = out.shape
+            run_kernel(_k.col2im_rows, ("col2im_rows", out.dtype.char), dcols.size, dcols,
+                       h, w, c, *geo.scalars(), out.reshape(n * h, w * c))
+        else:
+            run_kernel(_k.col2im, ("col2im", out.dtype.char), dcols.size, dcols,
+                       *geo.scalars(), out)
         return out
     n, h, w, c = input_shape
     (pt, pb), (pl, pr) = pads
