@@ -632,17 +632,38 @@ def _update_moving(moving_mean, moving_var, count, mean, m2, momentum):
 
 
 @njit(cache=True)
+def _tile(v, reps):
+    """v repeated reps times (np.tile of a 1-D array)."""
+    n = v.shape[0]
+    out = np.empty(n * reps, dtype=v.dtype)
+    for r in range(reps):
+        for i in range(n):
+            out[r * n + i] = v[i]
+    return out
+
+
+@njit(cache=True)
 def rows_train_forward(x2, rows_per_block, gamma, beta, epsilon, use_gamma, use_beta,
-                       moving_mean, moving_var, momentum, out):
+                       moving_mean, moving_var, momentum, out, wide_rows_per_block):
     """`rows_moments`, `_update_moving` and `rows_normalize` (no mask) in one call.
+
+    `out` is y's (R/reps, reps*C) view (the widened rows of `fused._Geometry`); the
+    normalisation reads x2 through the same view, with the channel vectors tiled.
 
     Returns:
         (count, mean, var): float64 (C,); out holds y; the moving arrays are updated.
     """
     count, mean, m2 = rows_moments(x2, None, rows_per_block)
     mean, var = _update_moving(moving_mean, moving_var, count, mean, m2, momentum)
-    rows_normalize(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out,
-                   rows_per_block)
+    reps = out.shape[1] // max(x2.shape[1], 1)
+    if reps <= 1:
+        rows_normalize(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out,
+                       wide_rows_per_block)
+    else:
+        rows_normalize(x2.reshape(out.shape), _tile(mean, reps), _tile(var, reps),
+                       _tile(gamma, reps) if use_gamma else gamma,
+                       _tile(beta, reps) if use_beta else beta, epsilon, use_gamma,
+                       use_beta, out, wide_rows_per_block)
     return count, mean, var
 
 
