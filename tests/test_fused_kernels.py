@@ -52,6 +52,7 @@ def restore_backend():
 CASES = [
     ((64, 16, 16, 8), (0, 1, 2), True),     # channels-last, parallel (>= 2**17 elements)
     ((5, 7, 6), (0, 1), True),              # channels-last, serial
+    ((6, 10, 12), (0, 1), True),            # channels-last, rows widened 4x (not 32x)
     ((20, 3, 4096), (0, 2), True),          # channels-first
     ((6, 8, 5, 5), (0, 2, 3), True),        # channels-first images
     ((10, 6, 2000), (0, 2), True),          # channels-first, parallel: 4 rows + 2 per sweep
@@ -469,3 +470,42 @@ def test_cold_cache_concurrent_processes(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
     assert len({o[0] for o in outs}) == 1
+
+
+def test_widened_rows_compute_what_the_plain_rows_do(fused):
+    """Elementwise kernels on rows of few channels run on (R/reps, reps*C) views with the
+    channel vectors tiled: the same bits as the (R, C) kernels, masked rows unwidened."""
+    from distbn.ops import _fused_kernels as _k
+
+    assert fused._widening(16384, 16) == 16 and fused._widening(60, 12) == 4
+    assert fused._widening(35, 6) == 1 and fused._widening(64, 256) == 1
+    x = _data((6, 10, 12), np.float32)
+    dy = _data((6, 10, 12), np.float32, seed=5, loc=0.0, scale=1.0)
+    red = (0, 1)
+    geo = fused.fused_geometry(x, red)
+    assert geo.reps == 4 and geo.wide2 == (15, 48)
+    rng = np.random.default_rng(8)
+    mean, var, gamma, beta = rng.normal(3, 1, 12), rng.uniform(1, 4, 12), rng.normal(
+        1, 0.3, 12), rng.normal(0, 0.3, 12)
+    plain = np.empty_like(x)
+    _k.rows_normalize(x.reshape(60, 12), mean, var, gamma, beta, 1e-3, True, True,
+                      plain.reshape(60, 12), 64)
+    np.testing.assert_array_equal(fused.normalize(x, mean, var, gamma, beta, 1e-3, red),
+                                  plain)
+    inv = 1.0 / np.sqrt(var + 1e-3)
+    count = np.full(12, 60.0)
+    sums = ref.backward_sums(dy, x, mean, inv, red)
+    vecs = []
+    a = inv * gamma
+    coef = a / count
+    for v in (a, mean, coef * sums[1] * inv, coef * sums[0]):
+        vecs.append(v.astype(np.float32))
+    plain = np.empty_like(x)
+    _k.rows_input_grad(dy.reshape(60, 12), x.reshape(60, 12), *vecs, None,
+                       plain.reshape(60, 12), 64)
+    got = fused.input_grad(dy, x, mean, inv, gamma, sums[0], sums[1], count, red)
+    np.testing.assert_array_equal(got, plain)
+    mask = np.ones((6, 10, 1), bool)
+    mask[2] = False
+    masked = fused.input_grad(dy, x, mean, inv, gamma, sums[0], sums[1], count, red, mask)
+    np.testing.assert_array_equal(masked[mask[..., 0]], plain[mask[..., 0]])
