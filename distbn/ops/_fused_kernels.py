@@ -31,7 +31,7 @@ __all__ = [
     "rows_moments", "planes_moments", "rows_normalize", "planes_normalize", "rows_affine",
     "planes_affine", "rows_grad_sums", "planes_grad_sums", "rows_input_grad",
     "planes_input_grad", "rows_train_forward", "planes_train_forward",
-    "planes_train_backward",
+    "planes_train_backward", "rows_train_backward",
 ]
 
 # Reductions along the contiguous axis (planes) need reassociation for LLVM to
@@ -665,6 +665,40 @@ def rows_train_forward(x2, rows_per_block, gamma, beta, epsilon, use_gamma, use_
                        _tile(beta, reps) if use_beta else beta, epsilon, use_gamma,
                        use_beta, out, wide_rows_per_block)
     return count, mean, var
+
+
+@njit(cache=True, error_model="numpy")
+def rows_train_backward(dy2, x2, mean, inv_std, gamma, use_gamma, count, rows_per_block,
+                        dxw, wide_rows_per_block):
+    """`rows_grad_sums`, the input gradient's channel constants and `rows_input_grad` (no
+    mask, one replica) in one call, with the separate steps' arithmetic (the same bits).
+
+    The steps between the two passes are small per-channel numpy calls in Python; at
+    the small inputs of a ResNet's later stages they cost as much as the passes.
+    `dxw` is dx's widened (R/reps, reps*C) view (`fused._Geometry.wide2`); dy and x are
+    read through the same view, the constants tiled.
+
+    Returns:
+        float64 (2, C): [Σdy, Σdy·x̂].
+    """
+    sums = rows_grad_sums(dy2, x2, mean, rows_per_block)
+    nch = x2.shape[1]
+    consts = np.empty((4, nch), dtype=x2.dtype)  # cast once to x's dtype, as input_grad
+    for c in range(nch):
+        s1 = sums[1, c] * inv_std[c]
+        sums[1, c] = s1
+        a = inv_std[c] * gamma[c] if use_gamma else inv_std[c]
+        coef = a / count[c] if count[c] > 0 else 0.0
+        consts[0, c] = a
+        consts[1, c] = mean[c]
+        consts[2, c] = coef * s1 * inv_std[c]
+        consts[3, c] = coef * sums[0, c]
+    reps = dxw.shape[1] // max(nch, 1)
+    shape = dxw.shape
+    rows_input_grad(dy2.reshape(shape), x2.reshape(shape), _tile(consts[0], reps),
+                    _tile(consts[1], reps), _tile(consts[2], reps), _tile(consts[3], reps),
+                    None, dxw, wide_rows_per_block)
+    return sums
 
 
 @njit(cache=True)

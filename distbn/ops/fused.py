@@ -358,17 +358,25 @@ def train_forward(x, reduce_axes, mask, gamma, beta, epsilon, moving_mean, movin
 def train_backward(dy, x, mean, inv_std, gamma, count, reduce_axes, mask=None):
     """One replica's training backward (`distbn.ops.batch_norm.train_backward`).
 
-    Channels first without a mask: one compiled function sums and forms dx channel by
-    channel, each channel's dy and x read again while still in cache (the separate
-    kernels' bits). Otherwise `backward_sums` then `input_grad`.
+    Without a mask, one compiled function (the separate kernels' bits): channels first,
+    it sums and forms dx channel by channel, each channel's dy and x read again while
+    still in cache; channels last, the two passes with the per-channel constants
+    between them compiled too. Otherwise `backward_sums` then `input_grad`.
     """
     geo = fused_geometry(x, reduce_axes)
-    if geo is None or geo.kind != "planes" or mask is not None or not _like(dy, x):
+    if geo is None or mask is not None or not _like(dy, x):
         return _ref.compose_train_backward(backward_sums, input_grad, dy, x, mean, inv_std,
                                            gamma, count, reduce_axes, mask)
-    shape3 = (geo.outer, geo.nch, geo.inner)
     dx = np.empty_like(x)
     key = _key("train_backward", geo, x, dy.flags.writeable)
+    if geo.kind == "rows":
+        sums = run_kernel(_k.rows_train_backward, key, x.size, dy.reshape(geo.shape2),
+                          x.reshape(geo.shape2), _vec64(mean, geo), _vec64(inv_std, geo),
+                          _UNUSED if gamma is None else _vec64(gamma, geo), gamma is not None,
+                          _vec64(count, geo), geo.rows_per_block, dx.reshape(geo.wide2),
+                          *geo.elementwise_args)
+        return sums.reshape((2,) + geo.param_shape), dx
+    shape3 = (geo.outer, geo.nch, geo.inner)
     sums = run_kernel(_k.planes_train_backward, key, x.size, dy.reshape(shape3), x.reshape(shape3),
                  _vec64(mean, geo), _vec64(inv_std, geo),
                  _UNUSED if gamma is None else _vec64(gamma, geo), gamma is not None,
