@@ -149,6 +149,7 @@ def test_parse_ranks_and_suites():
         with pytest.raises(ValueError, match=repr(bad).replace("\\", "\\\\")):
             parse_ranks(bad)
     assert parse_suites([]) == ["kernel", "allreduce", "sync", "scaling", "torch", "step"]
+    assert parse_suites(["keras", "kernel"]) == ["kernel", "keras"]
     assert parse_suites(["sync", "kernel"]) == ["kernel", "sync"]
     with pytest.raises(ValueError, match="'kernal'.*did you mean 'kernel'"):
         parse_suites(["kernal"])
@@ -410,3 +411,35 @@ def test_step_suite_torch_model_is_the_same_model():
         bad = Sequential([Flatten(name="flatten")])
         bad.build((None, 4, 4, 3))
         step.torch_model(bad, torch)
+
+
+def test_keras_suite_is_opt_in_and_records_the_measured_samples(monkeypatch):
+    """`keras` runs only when named; at 1 rank it records nothing; at N ranks its records
+    summarise `distbn.keras.bench.measure_sync`'s samples (a stub here: the real one
+    builds MobileNetV2 twice)."""
+    from distbn.bench import keras_step
+
+    assert "keras" not in parse_suites([]) and parse_suites(["keras"]) == ["keras"]
+    stream = io.StringIO()
+    assert keras_step.run(Context("tiny", None, stream=stream)) == []
+    assert "skipped at 1 rank" in stream.getvalue()
+    pytest.importorskip("keras")
+    from distbn.keras import bench as kbench
+
+    def fake_measure(**kwargs):
+        params = {"backend": "jax", "batch_per_rank": kwargs["batch"]}
+        return [{"name": "keras_train_step", "metric": m, "unit": u, "world_size": 2,
+                 "params": params, "values": v}
+                for m, u, v in [("synchronized_s", "s", [0.3, 0.31]),
+                                ("local_s", "s", [0.2, 0.21]),
+                                ("sync_over_local", "ratio", [1.5, 1.4762])]]
+
+    monkeypatch.setattr(kbench, "measure_sync", fake_measure)
+    ctx = Context("tiny", None, stream=io.StringIO())
+    ctx.size = 2  # as a 2-rank job's root sees it
+    records = keras_step.run(ctx)
+    for rec in records:
+        validate_record(rec)
+    (ratio,) = _by(records, "keras.keras_train_step", "sync_over_local", 2)
+    assert ratio["value"] == pytest.approx((1.5 + 1.4762) / 2)
+    assert ratio["spread"]["min"] == 1.4762 and ratio["params"]["batch_per_rank"] == 2

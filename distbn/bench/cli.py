@@ -27,7 +27,9 @@ step time and overhead), scaling (training throughput of the quickstart config,
 configs/quickstart.yaml, shipped in the package, at each world size), torch
 (distbn.torch.SyncBatchNorm vs torch.nn.BatchNorm2d), step (the quickstart model's
 training step next to the same model in PyTorch, NCHW and channels_last, one process,
-one thread unless --threads, with a per-layer breakdown). Default: all suites.
+one thread unless --threads, with a per-layer breakdown); keras, only when named (a
+Keras 3 training step, synchronized vs replica-local BN, at 2+ ranks, on the backend of
+$KERAS_BACKEND). Default: all suites but keras.
 
 Run as one process, it measures each world size of --ranks through mpiexec (one rank
 per core, one thread per rank). Under mpiexec/srun with more than one rank, or with
@@ -121,7 +123,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
     cmds = p.add_subparsers(action=_SuitesOrCommand, dest="bench_command",
                             metavar="SUITE ... | report",
-                            help="suites: " + ", ".join(_suite_names()) + " (default: all); "
+                            help="suites: " + ", ".join(_suite_names())
+                                 + " (default: all but keras); "
                                  "or `report DIR...` to merge result directories")
     r = cmds.add_parser("report", help="merge result directories into one report",
                         usage="distbn bench report DIR... [--out OUT | --summary]",

@@ -18,27 +18,30 @@ import sys
 import time
 from pathlib import Path
 
-from distbn.bench import allreduce, frameworks, kernel, scaling, step, sync
+from distbn.bench import allreduce, frameworks, keras_step, kernel, scaling, step, sync
 from distbn.bench.context import Context
 from distbn.bench.environment import environment, load_average
 from distbn.bench.results import merge_results, read_results, write_results
 
-__all__ = ["SUITES", "ONE_PROCESS", "parse_suites", "parse_ranks", "default_ranks",
+__all__ = ["SUITES", "OPT_IN", "ONE_PROCESS", "parse_suites", "parse_ranks", "default_ranks",
            "default_out_dir",
            "measure", "launch_all", "finish", "note_missing_plots"]
 
 #: Suite name -> module with `run(ctx)`, in the order they run.
-SUITES = {m.NAME: m for m in (kernel, allreduce, sync, scaling, frameworks, step)}
+SUITES = {m.NAME: m for m in (kernel, allreduce, sync, scaling, frameworks, step,
+                               keras_step)}
+#: Suites run only when named: `distbn bench` with no names runs the others.
+OPT_IN = ("keras",)
 #: Suites measured by one process (rank 0 of the first world size's job), whatever the
 #: world size: they time one-process work.
 ONE_PROCESS = ("kernel", "step")
 
 
 def parse_suites(names) -> list[str]:
-    """Validate suite names (default: all of them), in the canonical order.
+    """Validate suite names (default: all but the `OPT_IN` ones), in the canonical order.
 
     Args:
-        names: iterable of suite names; empty for all.
+        names: iterable of suite names; empty for the default ones.
 
     Returns:
         The suite names, without duplicates, in `SUITES` order.
@@ -52,7 +55,9 @@ def parse_suites(names) -> list[str]:
             close = difflib.get_close_matches(name, list(SUITES), n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown suite {name!r}{hint}; suites: {', '.join(SUITES)}")
-    return [s for s in SUITES if not names or s in names]
+    if not names:
+        return [s for s in SUITES if s not in OPT_IN]
+    return [s for s in SUITES if s in names]
 
 
 def parse_ranks(text: str, option: str = "--ranks") -> list[int]:

@@ -1,14 +1,14 @@
 """Synchronized vs replica-local BatchNormalization in a Keras training step, at N ranks.
 
     mpiexec -n 2 python -m mpi4py -m distbn.keras.bench [--batch 32] [--samples 15]
-        [--calls 3] [--json]        (backend: $KERAS_BACKEND, jax by default)
+        [--calls 3] [--json]        (backend: $KERAS_BACKEND, jax or torch)
 
 The example's model (examples/keras_applications.py: MobileNetV2, alpha 0.35, 32x32x3,
 10 classes, 52 BatchNormalization layers) is built twice from the same seed, once with
 every BN synchronized and once replica-local, both compiled with DistributedOptimizer
 (the gradient all-reduce is in both), and `train_on_batch` of each is timed in
 alternating order, each sample after a barrier and taken on the slowest rank; the ratio
-is formed per pair. `measure_sync` returns records for `distbn bench`.
+is formed per pair. `measure_sync` returns the records of `distbn bench keras`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+# Under `python -m` the package distbn.keras (and keras) is imported before this line
+# runs, so set KERAS_BACKEND; this default serves `import distbn.keras.bench` first.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import keras  # noqa: E402
@@ -71,8 +73,9 @@ def measure_sync(batch=32, image_size=32, samples=15, calls=3, warmup=2, seed=0,
         strategy: default `distbn.get_strategy()`.
 
     Returns:
-        Records (`name, metric, value, unit, world_size, params, spread`): the medians of
-        each step time and of the per-pair ratio synchronized / replica-local.
+        Records (`name, metric, value, unit, world_size, params, spread, values`): the
+        medians of each step time and of the per-pair ratio synchronized / replica-local,
+        and the samples they summarise.
     """
     strategy = strategy if strategy is not None else get_strategy()
     rng = np.random.default_rng(seed + strategy.replica_id)
@@ -100,7 +103,8 @@ def measure_sync(batch=32, image_size=32, samples=15, calls=3, warmup=2, seed=0,
         return {"name": "keras_train_step", "metric": metric,
                 "value": statistics.median(values), "unit": unit,
                 "world_size": strategy.num_replicas_in_sync, "params": params,
-                "spread": {"min": min(values), "max": max(values), "q1": q[0], "q3": q[2]}}
+                "spread": {"min": min(values), "max": max(values), "q1": q[0], "q3": q[2]},
+                "values": list(values)}
 
     return [record("synchronized_s", times["synchronized"], "s"),
             record("local_s", times["local"], "s"),
