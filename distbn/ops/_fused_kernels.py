@@ -667,6 +667,23 @@ def rows_train_forward(x2, rows_per_block, gamma, beta, epsilon, use_gamma, use_
     return count, mean, var
 
 
+@njit(inline="always", error_model="numpy")
+def _input_grad_constants(sums, c, s0, s1, mu, inv_std, gamma, use_gamma, count, consts,
+                          col):
+    """Channel c's backward sums and input-gradient constants, by `backward_sums` and
+    `input_grad`'s arithmetic: sums[:, c] = [Σdy, Σdy·x̂] from s0 = Σdy, s1 = Σdy·(x−mu);
+    consts[:, col] = [a, mu, k, c1] cast once to consts' dtype (x's), as the reference."""
+    s1 = s1 * inv_std
+    sums[0, c] = s0
+    sums[1, c] = s1
+    a = inv_std * gamma[c] if use_gamma else inv_std
+    coef = a / count if count > 0 else 0.0
+    consts[0, col] = a
+    consts[1, col] = mu
+    consts[2, col] = coef * s1 * inv_std
+    consts[3, col] = coef * s0
+
+
 @njit(cache=True, error_model="numpy")
 def rows_train_backward(dy2, x2, mean, inv_std, gamma, use_gamma, count, rows_per_block,
                         dxw, wide_rows_per_block):
@@ -683,16 +700,10 @@ def rows_train_backward(dy2, x2, mean, inv_std, gamma, use_gamma, count, rows_pe
     """
     sums = rows_grad_sums(dy2, x2, mean, rows_per_block)
     nch = x2.shape[1]
-    consts = np.empty((4, nch), dtype=x2.dtype)  # cast once to x's dtype, as input_grad
+    consts = np.empty((4, nch), dtype=x2.dtype)
     for c in range(nch):
-        s1 = sums[1, c] * inv_std[c]
-        sums[1, c] = s1
-        a = inv_std[c] * gamma[c] if use_gamma else inv_std[c]
-        coef = a / count[c] if count[c] > 0 else 0.0
-        consts[0, c] = a
-        consts[1, c] = mean[c]
-        consts[2, c] = coef * s1 * inv_std[c]
-        consts[3, c] = coef * sums[0, c]
+        _input_grad_constants(sums, c, sums[0, c], sums[1, c], mean[c], inv_std[c], gamma,
+                              use_gamma, count[c], consts, c)
     reps = dxw.shape[1] // max(nch, 1)
     shape = dxw.shape
     rows_input_grad(dy2.reshape(shape), x2.reshape(shape), _tile(consts[0], reps),
@@ -838,17 +849,9 @@ def _finish_plane_backward(dy3, x3, part, c, mu, inv_std, gamma, use_gamma, coun
     for b in range(part.shape[1]):  # block order, as planes_grad_sums
         s0 += part[0, b]
         s1 += part[1, b]
-    s1 = s1 * inv_std
-    sums[0, c] = s0
-    sums[1, c] = s1
-    a = inv_std * gamma[c] if use_gamma else inv_std
-    coef = a / count if count > 0 else 0.0
-    consts = np.empty(4, dtype=x3.dtype)  # cast once to x's dtype, as the reference does
-    consts[0] = a
-    consts[1] = mu
-    consts[2] = coef * s1 * inv_std
-    consts[3] = coef * s0
-    at, mt, kt, ct = consts[0], consts[1], consts[2], consts[3]
+    consts = np.empty((4, 1), dtype=x3.dtype)
+    _input_grad_constants(sums, c, s0, s1, mu, inv_std, gamma, use_gamma, count, consts, 0)
+    at, mt, kt, ct = consts[0, 0], consts[1, 0], consts[2, 0], consts[3, 0]
     for o in range(x3.shape[0]):
         for i in range(x3.shape[2]):
             dx3[o, c, i] = dy3[o, c, i] * at - ((x3[o, c, i] - mt) * kt + ct)
