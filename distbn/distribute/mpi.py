@@ -91,8 +91,11 @@ class MPIStrategy(Strategy):
         self._size, self._rank, self._sync_group = size, rank, sync_group
         self._in_place = MPI.IN_PLACE
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        self._started = self._completed = 0
-        self._last = None
+        # [started, completed, last native number, its name's index]: an array, so
+        # compiled collectives (distbn.distribute.native) keep the same books.
+        self._counts = np.zeros(4, dtype=np.int64)
+        self._native_names = []
+        self._last_python = None
         self._owned = []  # communicators this strategy created and must free
         self._closed = False
         self._world = self._group = None
@@ -164,6 +167,34 @@ class MPIStrategy(Strategy):
     @property
     def last_collective(self) -> tuple | None:
         return self._last
+
+    # The counters, as ints (the watchdog samples them from its thread).
+    @property
+    def _started(self) -> int:
+        return int(self._counts[0])
+
+    @_started.setter
+    def _started(self, value) -> None:
+        self._counts[0] = value
+
+    @property
+    def _completed(self) -> int:
+        return int(self._counts[1])
+
+    @_completed.setter
+    def _completed(self, value) -> None:
+        self._counts[1] = value
+
+    @property
+    def _last(self):
+        native, python = int(self._counts[2]), self._last_python
+        if native and (python is None or native > python[0]):
+            return (native, "sync_all_reduce", self._native_names[int(self._counts[3])])
+        return python
+
+    @_last.setter
+    def _last(self, value) -> None:
+        self._last_python = value
 
     # -- collectives ----------------------------------------------------------------
 

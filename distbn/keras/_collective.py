@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distbn.distribute.native import native_available
 from distbn.ops import kernels, pooled_moments
 
 __all__ = [
@@ -194,6 +195,10 @@ def _make_jax_moments():
         # (a whole activation per layer and step did, and was the synchronized step's
         # main cost).
         local = _jax_local_moments(x, mask if has_mask else None, reduce_axes)
+        if native_available(strategy):
+            return _xla_ffi_call("distbn_bn_moments", (out, out, out), strategy, name,
+                                 epsilon, local, jax.lax.stop_gradient(shift),
+                                 jax.lax.stop_gradient(moving_var))
 
         def host(lh, kh, vh):
             mean, var, count = host_pooled_moments(lh[0], lh[1], lh[2], kh, vh, epsilon,
@@ -222,7 +227,11 @@ def _make_jax_moments():
         def host(dm, dv):
             return host_sum_cotangents(dm, dv, strategy, name).astype(dm.dtype)
 
-        tot = io_callback(host, out, dmean, dvar, ordered=True)
+        if native_available(strategy):
+            tot = _xla_ffi_call("distbn_bn_cotangents", out, strategy, name, 0.0, dmean,
+                                dvar)
+        else:
+            tot = io_callback(host, out, dmean, dvar, ordered=True)
         shape = _full_shape(mean, reduce_axes)
         inv_n = 1.0 / jnp.maximum(count, 1.0)
         a = jnp.reshape(tot[0] * inv_n, shape)
@@ -234,6 +243,18 @@ def _make_jax_moments():
 
     sync_moments.defvjp(fwd, bwd)
     return sync_moments
+
+
+def _xla_ffi_call(target, out, strategy, name, epsilon, *args):
+    """`target` of distbn.keras._xla_ffi on args: the host work without a Python callback."""
+    import jax
+    import jax.numpy as jnp
+
+    from distbn.keras import _xla_ffi
+
+    _xla_ffi.register()
+    desc = jnp.asarray(_xla_ffi.descriptor(strategy, name, epsilon))
+    return jax.ffi.ffi_call(target, out, has_side_effect=True)(desc, *args)
 
 
 # -- PyTorch ------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import numpy as np
 from distbn.ops.backend import kernels
 from distbn.ops.batch_norm import moments_from_sums, pack_moments, shifted_sums, unpack_moments
 
-__all__ = ["ill_conditioned", "pooled_moments", "synchronized_backward", "synchronized_moments"]
+__all__ = ["ill_conditioned", "pooled_moments", "pooled_moments_compiled",
+           "synchronized_backward", "synchronized_moments"]
 
 # Above this (mean - shift)² / (var + epsilon), the shifted float64 sums lose more than
 # about 1e-10 of the accuracy of var + epsilon, which is what the output depends on (the
@@ -65,6 +66,52 @@ def pooled_moments(count, local_mean, m2, shift, epsilon, reduce):
         centred = np.ascontiguousarray(m2 + count * np.square(local_mean - mean))
         var = reduce(centred) / np.maximum(total, 1.0)
     return mean, var, total
+
+
+_COMPILED = []
+
+
+def pooled_moments_compiled():
+    """`pooled_moments` as a numba function, for compiled callers (XLA FFI handlers).
+
+    `fn(count, local_mean, m2, shift, moving_var, epsilon, reduce, desc)` on float64
+    1-D arrays, where `reduce(desc, buf)` returns the sum of `buf` over the replicas,
+    gives (mean, var, total): the steps of `pooled_moments` in the same order (the same
+    bits; tests/test_sync_compiled.py), plus the moving statistics where the global
+    batch is empty, as the Keras adapter's host path does.
+    """
+    if not _COMPILED:
+        _COMPILED.append(_make_pooled_moments_compiled())
+    return _COMPILED[0]
+
+
+def _make_pooled_moments_compiled():
+    from numba import njit
+
+    @njit
+    def pooled(count, local_mean, m2, shift, moving_var, epsilon, reduce, desc):
+        c = count.size
+        d = local_mean - shift
+        s1 = count * d
+        buf = np.empty(3 * c)
+        buf[:c], buf[c:2 * c], buf[2 * c:] = s1, m2 + s1 * d, count
+        summed = reduce(desc, buf)
+        total, gs1, gs2 = summed[2 * c:], summed[:c], summed[c:2 * c]
+        n = np.maximum(total, 1.0)
+        dd = gs1 / n
+        ex2 = gs2 / n - dd * dd
+        mean = shift + dd
+        var = np.maximum(ex2, 0.0)
+        offset = mean - shift
+        if np.any((total > 0) & (np.square(offset) > _CONDITION_LIMIT * (var + epsilon))):
+            centred = m2 + count * np.square(local_mean - mean)
+            var = reduce(desc, centred) / n
+        for i in range(c):
+            if total[i] == 0:
+                mean[i], var[i] = shift[i], moving_var[i]
+        return mean, var, total
+
+    return pooled
 
 
 def synchronized_backward(dy, x, mean, inv_std, gamma, count, reduce_axes, mask, reduce):
