@@ -92,7 +92,7 @@ def _make_sync_sum():
             return builder.inttoptr(args[0], cgutils.voidptr_t)
         return types.voidptr(address), codegen
 
-    @njit(inline="always")
+    @njit
     def h(value):
         return as_pointer(value) if pointer_handles else np.int32(value)
 

@@ -78,11 +78,11 @@ def _make_handlers():
             return builder.inttoptr(args[0], cgutils.voidptr_t)
         return types.voidptr(address), codegen
 
-    @njit(inline="always")
+    @njit
     def words(address, n):
         return carray(as_pointer(address), n, dtype=np.int64)
 
-    @njit(inline="always")
+    @njit
     def answered_metadata(frame):
         """Fill XLA's metadata query (API version, no traits); False on a real call."""
         if frame[_EXTENSION] == 0:
@@ -97,7 +97,7 @@ def _make_handlers():
         halves[6], halves[7], halves[8] = _API_MAJOR, _API_MINOR, 0
         return True
 
-    @njit(inline="always")
+    @njit
     def buffer(frame, slot, i):
         return words(words(frame[slot], i + 1)[i], 6)  # the i-th XLA_FFI_Buffer
 
