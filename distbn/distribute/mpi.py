@@ -98,7 +98,7 @@ class MPIStrategy(Strategy):
         self._last_python = None
         self._owned = []  # communicators this strategy created and must free
         self._closed = False
-        self._world = self._group = None
+        self._world = self._group = self._native_comm = None
         self._watchdog = None
         if size == 1:
             # One replica never communicates: keep the caller's comm, no Dup, no channels.
@@ -117,6 +117,9 @@ class MPIStrategy(Strategy):
         self._check = any(c for _, c, _ in settings)
         self._world = self._channel(self._comm, size)
         self._group = self._make_group(MPI, sync_group)
+        # Compiled collectives (distbn.distribute.native) run on XLA's threads, unordered
+        # with the Python ones: their own communicator keeps the two streams apart.
+        self._native_comm = None if self._group is None else self._own(self._group.comm.Dup())
         install_abort_hook()
         timeouts = [t for _, _, t in settings if t is not None]
         if timeouts:

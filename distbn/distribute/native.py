@@ -38,7 +38,7 @@ _SUM = []  # the compiled sum, made on first use (mpi4py, ctypes and numba loade
 
 def native_available(strategy) -> bool:
     """Whether `strategy`'s sync-group sums may be made from compiled code."""
-    return (getattr(strategy, "_group", None) is not None and not strategy.check
+    return (getattr(strategy, "_native_comm", None) is not None and not strategy.check
             and not os.environ.get("DISTBN_FAULT"))
 
 
@@ -51,7 +51,7 @@ def channel_descriptor(strategy, name) -> np.ndarray:
         names.append(name)
     counts = strategy._counts
     tag = zlib.crc32(str(name).encode()) & 0xFFFFF  # t² · size stays exact in float64
-    return np.array([_signed(MPI._handleof(strategy._group.comm)), counts.ctypes.data,
+    return np.array([_signed(MPI._handleof(strategy._native_comm)), counts.ctypes.data,
                      names.index(name), tag, strategy.sync_group_size], dtype=np.int64)
 
 
@@ -79,6 +79,10 @@ def _make_sync_sum():
     allreduce.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, handle, handle,
                           handle]
     allreduce.restype = ctypes.c_int
+    libc = ctypes.CDLL(None)
+    flush = libc.fflush  # numba's print is C stdio: flush it before MPI_Abort
+    flush.argtypes = [ctypes.c_void_p]
+    flush.restype = ctypes.c_int
     abort = lib.MPI_Abort
     abort.argtypes = [handle, ctypes.c_int]
     abort.restype = ctypes.c_int
@@ -103,19 +107,25 @@ def _make_sync_sum():
         counts[2] = counts[0]  # the last collective's number and name, for reports
         counts[3] = desc[2]
         n = buf.size
-        send = np.empty(n + 2)
+        # Send and receive halves of one allocation: read after the call, it stays alive
+        # through it (numba may free an array whose last use is taking its address, and
+        # another thread may reuse the memory before MPI reads it). Not MPI_IN_PLACE,
+        # whose value differs between MPI libraries.
+        work = np.empty(2 * (n + 2))
+        send, out = work[:n + 2], work[n + 2:]
         send[:n] = buf
         send[n], send[n + 1] = desc[3], desc[3] * desc[3]
-        out = np.empty_like(send)  # not MPI_IN_PLACE, whose value differs between MPIs
         err = allreduce(as_pointer(send.ctypes.data), as_pointer(out.ctypes.data),
                         np.int32(n + 2), h(f64), h(op_sum), h(desc[0]))
         if err != 0:
             print("distbn: MPI_Allreduce failed in compiled collective #", counts[0],
                   "with error code", err, "; aborting the job")
+            flush(as_pointer(0))
             abort(h(world), np.int32(1))
         if out[n] * out[n] != desc[4] * out[n + 1]:
             print("distbn: ranks reached different synchronized BN collectives at #",
                   counts[0], "(the compiled programs order them differently); aborting")
+            flush(as_pointer(0))
             abort(h(world), np.int32(1))
         counts[1] += 1
         return out[:n]
