@@ -31,9 +31,10 @@ import zlib
 
 import numpy as np
 
-__all__ = ["channel_descriptor", "native_available", "sync_sum"]
+__all__ = ["channel_descriptor", "native_available", "pointer_intrinsic", "sync_sum"]
 
 _SUM = []  # the compiled sum, made on first use (mpi4py, ctypes and numba loaded then)
+_POINTER = []
 
 
 def native_available(strategy) -> bool:
@@ -67,11 +68,26 @@ def sync_sum():
     return _SUM[0]
 
 
+def pointer_intrinsic():
+    """A numba intrinsic: `as_pointer(address)` turns an int64 address into a void*."""
+    if not _POINTER:
+        from numba import types
+        from numba.core import cgutils
+        from numba.extending import intrinsic
+
+        @intrinsic
+        def as_pointer(typingctx, address):
+            def codegen(context, builder, sig, args):
+                return builder.inttoptr(args[0], cgutils.voidptr_t)
+            return types.voidptr(address), codegen
+
+        _POINTER.append(as_pointer)
+    return _POINTER[0]
+
+
 def _make_sync_sum():
     from mpi4py import MPI
-    from numba import carray, njit, types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
+    from numba import carray, njit
 
     lib = ctypes.CDLL(MPI.__file__)  # dlsym searches its dependency, libmpi
     handle = ctypes.c_int if MPI._sizeof(MPI.Comm) == 4 else ctypes.c_void_p
@@ -90,11 +106,7 @@ def _make_sync_sum():
                           _signed(MPI._handleof(MPI.COMM_WORLD)))
     pointer_handles = handle is ctypes.c_void_p
 
-    @intrinsic
-    def as_pointer(typingctx, address):
-        def codegen(context, builder, sig, args):
-            return builder.inttoptr(args[0], cgutils.voidptr_t)
-        return types.voidptr(address), codegen
+    as_pointer = pointer_intrinsic()
 
     @njit
     def h(value):

@@ -63,20 +63,13 @@ def register():
 
 def _make_handlers():
     from numba import carray, cfunc, njit, types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
 
-    from distbn.distribute.native import sync_sum
+    from distbn.distribute.native import pointer_intrinsic, sync_sum
     from distbn.ops.sync import pooled_moments_compiled
 
     reduce = sync_sum()
     pooled = pooled_moments_compiled()
-
-    @intrinsic
-    def as_pointer(typingctx, address):
-        def codegen(context, builder, sig, args):
-            return builder.inttoptr(args[0], cgutils.voidptr_t)
-        return types.voidptr(address), codegen
+    as_pointer = pointer_intrinsic()
 
     @njit
     def words(address, n):
@@ -125,12 +118,21 @@ def _make_handlers():
 
     null = 0
 
+    @njit
+    def executing(frame):
+        """Whether this call is the execution (not the metadata query, not another stage)."""
+        return not answered_metadata(frame) and (frame[_STAGE] & 0xFFFFFFFF) == _EXECUTE
+
+    @njit
+    def descriptor_arg(frame):
+        return carray(as_pointer(buffer(frame, _ARGS, 0)[_DATA]), _DESC, dtype=np.int64)
+
     @cfunc(types.voidptr(types.voidptr))
     def moments(frame_address):
         frame = carray(frame_address, 16, dtype=np.int64)
-        if answered_metadata(frame) or (frame[_STAGE] & 0xFFFFFFFF) != _EXECUTE:
+        if not executing(frame):
             return as_pointer(null)
-        desc = carray(as_pointer(buffer(frame, _ARGS, 0)[_DATA]), _DESC, dtype=np.int64)
+        desc = descriptor_arg(frame)
         shift_buf = buffer(frame, _ARGS, 2)
         c = channels(shift_buf)
         local = load(buffer(frame, _ARGS, 1), 3 * c)
@@ -146,9 +148,9 @@ def _make_handlers():
     @cfunc(types.voidptr(types.voidptr))
     def cotangents(frame_address):
         frame = carray(frame_address, 16, dtype=np.int64)
-        if answered_metadata(frame) or (frame[_STAGE] & 0xFFFFFFFF) != _EXECUTE:
+        if not executing(frame):
             return as_pointer(null)
-        desc = carray(as_pointer(buffer(frame, _ARGS, 0)[_DATA]), _DESC, dtype=np.int64)
+        desc = descriptor_arg(frame)
         dm_buf = buffer(frame, _ARGS, 1)
         c = channels(dm_buf)
         both = np.empty(2 * c)
