@@ -288,3 +288,21 @@ def test_import_error_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert 'pip install -e ".[keras]"' in out
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the XLA FFI path is JAX's")
+def test_other_ffi_abi_warns_and_keeps_the_python_path(monkeypatch, tmp_path):
+    import jax
+
+    from distbn.keras import _xla_ffi
+
+    api = tmp_path / "xla" / "ffi" / "api"
+    api.mkdir(parents=True)
+    (api / "c_api.h").write_text("#define XLA_FFI_API_MAJOR 1\n")
+    monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(_xla_ffi, "_ABI", [])
+    with pytest.warns(RuntimeWarning, match="major version is 1"):
+        assert not _xla_ffi.abi_supported()
+    monkeypatch.setattr(_xla_ffi, "_ABI", [])
+    monkeypatch.undo()
+    assert _xla_ffi.abi_supported()  # the installed jaxlib's

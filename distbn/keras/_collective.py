@@ -195,7 +195,7 @@ def _make_jax_moments():
         # (a whole activation per layer and step did, and was the synchronized step's
         # main cost).
         local = _jax_local_moments(x, mask if has_mask else None, reduce_axes)
-        if native_available(strategy):
+        if _native(strategy):
             return _xla_ffi_call("distbn_bn_moments", (out, out, out), strategy, name,
                                  epsilon, local, jax.lax.stop_gradient(shift),
                                  jax.lax.stop_gradient(moving_var))
@@ -227,7 +227,7 @@ def _make_jax_moments():
         def host(dm, dv):
             return host_sum_cotangents(dm, dv, strategy, name).astype(dm.dtype)
 
-        if native_available(strategy):
+        if _native(strategy):
             tot = _xla_ffi_call("distbn_bn_cotangents", out, strategy, name, 0.0, dmean,
                                 dvar)
         else:
@@ -243,6 +243,12 @@ def _make_jax_moments():
 
     sync_moments.defvjp(fwd, bwd)
     return sync_moments
+
+
+def _native(strategy) -> bool:
+    from distbn.keras import _xla_ffi
+
+    return native_available(strategy) and _xla_ffi.abi_supported()
 
 
 def _xla_ffi_call(target, out, strategy, name, epsilon, *args):

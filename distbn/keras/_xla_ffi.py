@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["register", "descriptor"]
+__all__ = ["abi_supported", "register", "descriptor"]
 
 _REGISTERED = []
+_ABI = []
 
 # XLA FFI ABI (c_api.h), in 8-byte words: XLA_FFI_CallFrame {struct_size, extension_start,
 # api, ctx, stage, args{struct_size, extension_start, size, types, args}, rets{...}}.
@@ -45,6 +46,34 @@ def descriptor(strategy, name, epsilon):
     desc[:-1] = channel
     desc[-1] = np.float64(epsilon).view(np.int64)
     return desc.view(np.int32)
+
+
+def abi_supported() -> bool:
+    """Whether the installed jaxlib's FFI major version is the one these layouts follow.
+
+    A different one warns once and the callers keep the Python (io_callback) path.
+    """
+    if not _ABI:
+        import os
+        import re
+        import warnings
+
+        import jax
+
+        header = os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")
+        try:
+            with open(header) as f:
+                found = re.search(r"#define XLA_FFI_API_MAJOR (\d+)", f.read())
+        except OSError:
+            found = None
+        major = None if found is None else int(found.group(1))
+        _ABI.append(major == _API_MAJOR)
+        if not _ABI[0]:
+            warnings.warn(
+                f"distbn.keras: jaxlib's XLA FFI API major version is {major!r} (read from "
+                f"{header}), not {_API_MAJOR}: synchronized BN uses io_callbacks, slower",
+                RuntimeWarning, stacklevel=3)
+    return _ABI[0]
 
 
 def register():
