@@ -3,8 +3,8 @@
 Every collective the Keras adapter makes goes through here, on host numpy buffers, via
 the strategy (`sync_all_reduce` for batch statistics, `all_reduce` for gradients,
 `broadcast` for variables), so sync groups, check mode, the stall watchdog and the abort
-hook apply unchanged. JAX reaches the host with ordered `io_callback`s (traced once,
-inside `jit`; "ordered" makes every rank issue its collectives in program order) that
+hook apply unchanged. JAX reaches the host through XLA FFI calls (`_xla_ffi`, compiled
+collectives counted by the strategy; ordered `io_callback`s in check mode) that
 carry only per-channel buffers: the local (count, mean, M2) is computed in XLA; PyTorch
 eagerly, from an autograd Function, on the tensor's own memory.
 
