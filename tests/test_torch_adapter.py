@@ -220,6 +220,36 @@ def test_mirror_strategy_runs_the_synchronized_path_with_one_collective_each_way
     assert strat.calls == []
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_a_mean_far_from_the_shift_takes_the_corrective_pass(monkeypatch, fmt, backend):
+    """Shifted float64 sums cancel when the batch mean is far from the running mean: a
+    second forward all-reduce repairs the variance, and the result is still PyTorch's
+    on the concatenated batch, on the prepared path and the general one."""
+    import distbn.ops as ops
+
+    if backend == "numba" and ops.backend_name() != "numba":
+        pytest.skip("numba kernels not active")
+    if backend == "numpy":
+        monkeypatch.setattr(ops.backend, "_state", dict(ops.backend._state))
+        ops.set_backend("numpy")
+    strat = CountingStrategy(2)
+    ours, theirs = pair(4, strategy=strat)
+    gen = torch.Generator().manual_seed(11)
+    x = layout(torch.randn(4, 3, 3, 3, generator=gen, dtype=F64) * 1e-3 + 1e5, fmt)
+    dy = layout(torch.randn(4, 3, 3, 3, generator=gen, dtype=F64), fmt)
+    y, dx, g = step(ours, x, dy)
+    assert strat.calls == [f"{ours._label}/forward"] * 2 + [f"{ours._label}/backward"]
+    y_ref, dx_ref, g_ref = step(theirs, torch.cat([x, x]), torch.cat([dy, dy]))
+    # Both sides round the mean of values near 1e5 (~1e-11) and divide by σ ~ 3e-3: the
+    # outputs agree to ~1e-8; without the repair the variance would be off by ~100%.
+    torch.testing.assert_close(y, y_ref[:4], rtol=0, atol=1e-7)
+    torch.testing.assert_close(dx, dx_ref[:4], rtol=0, atol=1e-4)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(2 * a, b, rtol=0, atol=1e-6)
+    assert_same_state(ours, theirs, 1e-9)
+
+
 class KernelSpy:
     """Records the data pointer and strides of every array handed to the kernels."""
 
@@ -229,6 +259,10 @@ class KernelSpy:
     def record(self, name, arrays):
         self.seen.append((name, [(a.__array_interface__["data"][0], a.strides)
                                  for a in arrays]))
+
+    def call(self, name, real, *args):
+        self.record(name, [a for a in args[1:3] if isinstance(a, np.ndarray)])
+        return real(*args)
 
     def __getattr__(self, name):
         real = getattr(self.module, name)
@@ -240,19 +274,39 @@ class KernelSpy:
         return spied
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
 @pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize(("shape", "fmt"), [((4, 3, 3, 5), None),
                                             ((4, 3, 3, 5), torch.channels_last),
                                             ((3, 3, 2, 3, 4), torch.channels_last_3d)])
-def test_kernels_read_the_input_and_output_gradient_in_place(monkeypatch, shape, fmt, replicas):
-    """No layout copy: the kernels get x's and dy's own memory, channels_last included."""
+def test_kernels_read_the_input_and_output_gradient_in_place(monkeypatch, shape, fmt, replicas,
+                                                             backend):
+    """No layout copy: the kernels get x's and dy's own memory, channels_last included,
+    on the prepared path (numba: distbn.ops.step) and the general one (the functions)."""
     import distbn.ops as ops
 
+    if backend == "numba" and ops.backend_name() != "numba":
+        pytest.skip("numba kernels not active")
     seen = []
-    spy, sync_spy = KernelSpy(ops.kernels(), seen), KernelSpy(ops, seen)
-    for name in ("synchronized_moments", "synchronized_backward"):
-        monkeypatch.setattr(ops, name, getattr(sync_spy, name))
-    monkeypatch.setattr(ops, "kernels", lambda: spy)
+    if backend == "numba":
+        from distbn.ops.step import TrainStep
+
+        spy = KernelSpy(TrainStep, seen)
+        for name in ("forward", "local_sums", "backward", "grad_sums", "input_grad"):
+            real = getattr(TrainStep, name)
+            monkeypatch.setattr(TrainStep, name,
+                                lambda self, *a, _n=name, _r=real: spy.call(_n, _r, self, *a))
+        first, last = (("forward", "backward") if replicas == 1
+                       else ("local_sums", "input_grad"))
+    else:
+        monkeypatch.setattr(ops.backend, "_state", dict(ops.backend._state))
+        ops.set_backend("numpy")
+        spy, sync_spy = KernelSpy(ops.kernels(), seen), KernelSpy(ops, seen)
+        for name in ("synchronized_train_forward", "synchronized_backward"):
+            monkeypatch.setattr(ops, name, getattr(sync_spy, name))
+        monkeypatch.setattr(ops, "kernels", lambda: spy)
+        first, last = (("train_forward", "train_backward") if replicas == 1
+                       else ("synchronized_train_forward", "synchronized_backward"))
     bn = dt.SyncBatchNorm(3, strategy=CountingStrategy(replicas))
     x = layout(torch.randn(*shape), fmt).requires_grad_(True)
     dy = layout(torch.randn(*shape), fmt)
@@ -261,12 +315,11 @@ def test_kernels_read_the_input_and_output_gradient_in_place(monkeypatch, shape,
     fmt = fmt or torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(memory_format=fmt)
     forward, backward = seen[0], seen[-1]
-    assert forward[0] == ("train_forward" if replicas == 1 else "synchronized_moments")
+    assert (forward[0], backward[0]) == (first, last)
     assert forward[1][0][0] == x.data_ptr()
-    assert backward[0] == ("train_backward" if replicas == 1 else "synchronized_backward")
     assert [p for p, _ in backward[1]] == [dy.data_ptr(), x.data_ptr()]
     # The numpy views walk memory in order: C-contiguous in the permuted layout.
-    for _, arrays in seen:
+    for _, arrays in (forward, backward):
         for _, strides in arrays:
             assert list(strides) == sorted(strides, reverse=True)
 

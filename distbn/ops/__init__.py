@@ -26,10 +26,12 @@ from distbn.ops.batch_norm import (
 )
 from distbn.ops.conv import conv2d_backward, conv2d_forward
 from distbn.ops.sync import (
+    centred_var,
     ill_conditioned,
     pooled_moments,
     synchronized_backward,
     synchronized_moments,
+    synchronized_train_forward,
 )
 
 __all__ = [
@@ -38,5 +40,7 @@ __all__ = [
     "local_moments", "moments_from_sums", "normalize", "pack_moments", "reduce_axes_for",
     "shifted_sums", "unpack_moments", "kernels", "backend_name", "backend_info",
     "set_backend", "train_backward", "train_forward", "update_moving",
-    "ill_conditioned", "pooled_moments", "synchronized_backward", "synchronized_moments",
+    "centred_var", "ill_conditioned", "pooled_moments", "synchronized_backward",
+    "synchronized_moments",
+    "synchronized_train_forward",
 ]

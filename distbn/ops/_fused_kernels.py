@@ -31,7 +31,8 @@ __all__ = [
     "rows_moments", "planes_moments", "rows_normalize", "planes_normalize", "rows_affine",
     "planes_affine", "rows_grad_sums", "planes_grad_sums", "rows_input_grad",
     "planes_input_grad", "rows_train_forward", "planes_train_forward",
-    "planes_train_backward", "rows_train_backward",
+    "planes_train_backward", "rows_train_backward", "rows_normalize_wide",
+    "rows_input_grad_wide",
 ]
 
 # Reductions along the contiguous axis (planes) need reassociation for LLVM to
@@ -655,6 +656,17 @@ def rows_train_forward(x2, rows_per_block, gamma, beta, epsilon, use_gamma, use_
     """
     count, mean, m2 = rows_moments(x2, None, rows_per_block)
     mean, var = _update_moving(moving_mean, moving_var, count, mean, m2, momentum)
+    rows_normalize_wide(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out,
+                        wide_rows_per_block)
+    return count, mean, var
+
+
+@njit(cache=True, error_model="numpy")
+def rows_normalize_wide(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out,
+                        wide_rows_per_block):
+    """`rows_normalize` of (R, C) rows into `out`, y's widened (R/reps, reps*C) view
+    (`fused._Geometry.wide2`): x2 is read through the same view, the channel vectors
+    tiled (the same arithmetic per element, so the same bits)."""
     reps = out.shape[1] // max(x2.shape[1], 1)
     if reps <= 1:
         rows_normalize(x2, mean, var, gamma, beta, epsilon, use_gamma, use_beta, out,
@@ -664,7 +676,6 @@ def rows_train_forward(x2, rows_per_block, gamma, beta, epsilon, use_gamma, use_
                        _tile(gamma, reps) if use_gamma else gamma,
                        _tile(beta, reps) if use_beta else beta, epsilon, use_gamma,
                        use_beta, out, wide_rows_per_block)
-    return count, mean, var
 
 
 @njit(inline="always", error_model="numpy")
@@ -676,7 +687,16 @@ def _input_grad_constants(sums, c, s0, s1, mu, inv_std, gamma, use_gamma, count,
     s1 = s1 * inv_std
     sums[0, c] = s0
     sums[1, c] = s1
-    a = inv_std * gamma[c] if use_gamma else inv_std
+    _constants_of_sums(s0, s1, mu, inv_std, gamma[c] if use_gamma else 1.0, use_gamma,
+                       count, consts, col)
+
+
+@njit(inline="always", error_model="numpy")
+def _constants_of_sums(s0, s1, mu, inv_std, gamma_c, use_gamma, count, consts, col):
+    """consts[:, col] = [a, mu, k, c1] of one channel from its [Σdy, Σdy·x̂] = [s0, s1]
+    (local or summed over the replicas), by `input_grad`'s arithmetic, cast once to
+    consts' dtype (x's) as the reference does."""
+    a = inv_std * gamma_c if use_gamma else inv_std
     coef = a / count if count > 0 else 0.0
     consts[0, col] = a
     consts[1, col] = mu
@@ -704,12 +724,19 @@ def rows_train_backward(dy2, x2, mean, inv_std, gamma, use_gamma, count, rows_pe
     for c in range(nch):
         _input_grad_constants(sums, c, sums[0, c], sums[1, c], mean[c], inv_std[c], gamma,
                               use_gamma, count[c], consts, c)
-    reps = dxw.shape[1] // max(nch, 1)
+    rows_input_grad_wide(dy2, x2, consts, dxw, wide_rows_per_block)
+    return sums
+
+
+@njit(cache=True)
+def rows_input_grad_wide(dy2, x2, consts, dxw, wide_rows_per_block):
+    """`rows_input_grad` (no mask) of (R, C) rows into dx's widened view `dxw`, from the
+    (4, C) channel constants [a, mu, k, c1] in x's dtype (tiled for the wide rows)."""
+    reps = dxw.shape[1] // max(x2.shape[1], 1)
     shape = dxw.shape
     rows_input_grad(dy2.reshape(shape), x2.reshape(shape), _tile(consts[0], reps),
                     _tile(consts[1], reps), _tile(consts[2], reps), _tile(consts[3], reps),
                     None, dxw, wide_rows_per_block)
-    return sums
 
 
 @njit(cache=True)

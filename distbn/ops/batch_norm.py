@@ -19,11 +19,15 @@ Backward, training, one replica: `sums, dx = train_backward(...)`, which is
 `backward_sums` then `input_grad` with those sums (numba's version runs them in one
 compiled function for channels-first inputs).
 
+`distbn.ops.sync.synchronized_train_forward` runs steps 1-2 as `local_packed_sums` and
+steps 4-5 as `normalize_from_sums` (one compiled call each in numba's version).
+
 Backward, training (one all-reduce at step 2):
     1. `sums = backward_sums(dy, x, mean, inv_std, reduce_axes)`   [Σdy, Σdy·x̂]
        (local: these are also beta's and gamma's gradients)
     2. (sync) `sums` summed over replicas
     3. `dx = input_grad(dy, x, mean, inv_std, gamma, sums[0], sums[1], count, ...)`
+       (`input_grad_from_sums(dy, x, mean, inv_std, gamma, sums, count, ...)`)
 
 Masks (statistics over unmasked positions, every position normalised). With M the
 0/1 mask, N = ΣM, x̂ = (x − μ)·r, r = (σ² + ε)^-½ and y = γx̂ + β at *every* position,
@@ -42,7 +46,9 @@ import numpy as np
 __all__ = [
     "reduce_axes_for", "local_mean_m2", "shifted_sums", "local_moments", "pack_moments",
     "unpack_moments", "moments_from_sums", "inverse_std", "normalize", "backward_sums",
-    "input_grad", "update_moving", "train_forward", "train_backward",
+    "input_grad", "update_moving", "train_forward", "train_backward", "CONDITION_LIMIT",
+    "ill_conditioned", "local_packed_sums", "normalize_from_sums", "input_grad_from_sums",
+    "update_running",
 ]
 
 _F64 = np.float64
@@ -181,6 +187,50 @@ def moments_from_sums(count, s1, s2, shift):
     ex2 -= d * d
     var = np.maximum(ex2, 0.0, out=ex2)  # rounding can make it slightly negative
     return mean, var
+
+
+# Above this (mean - shift)² / (var + epsilon), the shifted float64 sums lose more than
+# about 1e-10 of the accuracy of var + epsilon, which is what the output depends on (the
+# loss is ~2^-53 times the ratio). Counting epsilon keeps constant channels (var = 0)
+# from triggering the corrective pass at every step.
+CONDITION_LIMIT = 1e6
+
+
+def ill_conditioned(count, offset, var, epsilon) -> bool:
+    """Whether any channel's shifted variance may have lost accuracy to cancellation."""
+    seen = count > 0
+    return bool(np.any(seen & (np.square(offset) > CONDITION_LIMIT * (var + epsilon))))
+
+
+def local_packed_sums(x, reduce_axes, shift):
+    """Steps 1-2 of the synchronized forward: the buffer to all-reduce, and the local
+    moments (for `distbn.ops.sync`'s corrective pass).
+
+    Args:
+        x: float32 or float64 array.
+        reduce_axes: tuple of axes to reduce over.
+        shift: channel array K, identical on every replica.
+
+    Returns:
+        (packed, count, mean, m2): `pack_moments`' (3, *channel shape) [S1, S2, n] and
+        `local_mean_m2`'s float64 channel arrays.
+    """
+    count, mean, m2 = local_mean_m2(x, reduce_axes)
+    return pack_moments(count, *shifted_sums(count, mean, m2, shift)), count, mean, m2
+
+
+def normalize_from_sums(x, reduce_axes, summed, shift, gamma, beta, epsilon):
+    """Steps 4-5 of the synchronized forward, from the summed `local_packed_sums` buffer.
+
+    Returns:
+        (y, mean, var, total): y is None when `ill_conditioned` (the caller repairs the
+        variance and normalises); mean, var and the global count are float64.
+    """
+    total, s1, s2 = unpack_moments(summed)
+    mean, var = moments_from_sums(total, s1, s2, shift)
+    if ill_conditioned(total, mean - shift, var, epsilon):
+        return None, mean, var, total
+    return normalize(x, mean, var, gamma, beta, epsilon, reduce_axes), mean, var, total
 
 
 def inverse_std(var, epsilon):
@@ -365,3 +415,30 @@ def input_grad(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xhat, count, reduce_a
         corr *= mask
     dx -= corr
     return dx
+
+
+def input_grad_from_sums(dy, x, mean, inv_std, gamma, summed, count, reduce_axes):
+    """`input_grad` (training, no mask) from a (2, *channel shape) [Σdy, Σdy·x̂] buffer."""
+    return input_grad(dy, x, mean, inv_std, gamma, summed[0], summed[1], count,
+                      reduce_axes)
+
+
+def update_running(running_mean, running_var, count, mean, var, factor):
+    """PyTorch's running statistics: `running = (1 − f)·running + f·stat`, in place.
+
+    The variance that enters is the unbiased one, var·N/(N − 1) with the batch's count
+    N; an empty batch (N = 0) leaves both untouched. Non-finite statistics propagate,
+    as in PyTorch. The arithmetic is float64, rounded once to the arrays' dtype.
+
+    Args:
+        running_mean, running_var: float arrays updated in place, or None (skipped).
+        count: the batch's count (a channel array; every channel has the same).
+        mean, var: float64 channel arrays of the batch (var biased).
+        factor: the exponential average factor f.
+    """
+    n = float(np.ravel(count)[0]) if np.size(count) else 0.0
+    if n <= 0:
+        return
+    for running, stat in ((running_mean, mean), (running_var, var * (n / (n - 1.0)))):
+        if running is not None:
+            running[...] = (1.0 - factor) * running.astype(_F64) + factor * stat

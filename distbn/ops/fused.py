@@ -31,13 +31,15 @@ import numba
 import numpy as np
 
 from distbn.ops import _fused_kernels as _k
+from distbn.ops import _sync_kernels as _sk
 from distbn.ops import batch_norm as _ref
 
 __all__ = [
     "local_mean_m2", "normalize", "backward_sums", "input_grad", "inverse_std",
     "reduce_axes_for", "shifted_sums", "pack_moments", "unpack_moments", "moments_from_sums",
     "local_moments", "compile_seconds", "lock_wait_seconds", "fused_geometry", "cache_is_warm",
-    "update_moving", "train_forward", "train_backward",
+    "update_moving", "train_forward", "train_backward", "local_packed_sums",
+    "normalize_from_sums", "input_grad_from_sums", "update_running",
 ]
 
 # Channel-array helpers are per-channel and cheap: shared with the reference.
@@ -399,16 +401,15 @@ def backward_sums(dy, x, mean, inv_std, reduce_axes) -> np.ndarray:
     geo = fused_geometry(x, reduce_axes)
     if geo is None or not _like(dy, x):
         return _ref.backward_sums(dy, x, mean, inv_std, tuple(reduce_axes))
-    mu = _channel_vec(mean, _F64, geo)
+    mu, r = _vec64(mean, geo), _vec64(inv_std, geo)
     key = _key("grad_sums", geo, x, dy.flags.writeable)
     if geo.kind == "rows":
-        out = run_kernel(_k.rows_grad_sums, key, x.size, dy.reshape(geo.shape2),
-                    x.reshape(geo.shape2), mu, geo.rows_per_block)
+        out = run_kernel(_sk.rows_grad_sums_hat, key, x.size, dy.reshape(geo.shape2),
+                         x.reshape(geo.shape2), mu, r, geo.rows_per_block)
     else:
         shape3 = (geo.outer, geo.nch, geo.inner)
-        out = run_kernel(_k.planes_grad_sums, key, x.size, dy.reshape(shape3), x.reshape(shape3),
-                    mu, *geo.reduce_blocks)
-    out[1] *= _channel_vec(inv_std, _F64, geo)
+        out = run_kernel(_sk.planes_grad_sums_hat, key, x.size, dy.reshape(shape3),
+                         x.reshape(shape3), mu, r, *geo.reduce_blocks)
     return out.reshape((2,) + geo.param_shape)
 
 
@@ -456,6 +457,94 @@ def input_grad(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xhat, count, reduce_a
         run_kernel(kernel, key, x.size, dy.reshape(geo.shape2), x.reshape(geo.shape2),
                    *vecs, flags, out.reshape(geo.shape2), *_narrow_args(geo))
     return out
+
+
+# --- the synchronized step's halves, either side of its all-reduce ----------------------
+def local_packed_sums(x, reduce_axes, shift):
+    """`distbn.ops.batch_norm.local_packed_sums` in one compiled call (same bits)."""
+    geo = fused_geometry(x, reduce_axes)
+    if geo is None:
+        return _ref.local_packed_sums(x, reduce_axes, shift)
+    k = _vec64(shift, geo)
+    key = _key("packed_sums", geo, x)
+    if geo.kind == "rows":
+        packed, count, mean, m2 = run_kernel(_sk.rows_packed_sums, key, x.size,
+                                             x.reshape(geo.shape2), geo.rows_per_block, k)
+    else:
+        packed, count, mean, m2 = run_kernel(
+            _sk.planes_packed_sums, key, x.size, x.reshape(geo.outer, geo.nch, geo.inner),
+            *geo.reduce_blocks, k)
+    shape = geo.param_shape
+    if len(shape) > 1:
+        packed = packed.reshape((3,) + shape)
+        count, mean, m2 = count.reshape(shape), mean.reshape(shape), m2.reshape(shape)
+    return packed, count, mean, m2
+
+
+def normalize_from_sums(x, reduce_axes, summed, shift, gamma, beta, epsilon):
+    """`distbn.ops.batch_norm.normalize_from_sums` in one compiled call (same bits)."""
+    geo = fused_geometry(x, reduce_axes)
+    if geo is None:
+        return _ref.normalize_from_sums(x, reduce_axes, summed, shift, gamma, beta, epsilon)
+    summed = np.ascontiguousarray(summed, dtype=_F64).reshape(3, geo.nch)
+    g = _UNUSED if gamma is None else _vec64(gamma, geo)  # rows: the kernel tiles them
+    b = _UNUSED if beta is None else _vec64(beta, geo)
+    out = np.empty_like(x)
+    args = (summed, _vec64(shift, geo))
+    flags = (float(epsilon), gamma is not None, beta is not None)
+    key = _key("normalize_from_sums", geo, x)
+    if geo.kind == "rows":
+        mean, var, total, ill = run_kernel(_sk.rows_normalize_from_sums, key, x.size,
+                                           x.reshape(geo.shape2), *args, g, b, *flags,
+                                           out.reshape(geo.wide2), *geo.elementwise_args)
+    else:
+        mean, var, total, ill = run_kernel(_sk.planes_normalize_from_sums, key, x.size,
+                                           x.reshape(geo.shape2), *args, g, b, *flags,
+                                           out.reshape(geo.shape2), *geo.elementwise_args)
+    shape = geo.param_shape
+    if len(shape) > 1:
+        mean, var, total = mean.reshape(shape), var.reshape(shape), total.reshape(shape)
+    return (None if ill else out), mean, var, total
+
+
+def input_grad_from_sums(dy, x, mean, inv_std, gamma, summed, count, reduce_axes):
+    """`distbn.ops.batch_norm.input_grad_from_sums` in one compiled call (same bits)."""
+    geo = fused_geometry(x, reduce_axes)
+    if geo is None or not _like(dy, x):
+        return _ref.input_grad_from_sums(dy, x, mean, inv_std, gamma, summed, count,
+                                         reduce_axes)
+    summed = np.ascontiguousarray(summed, dtype=_F64).reshape(2, geo.nch)
+    args = (summed, _vec64(mean, geo), _vec64(inv_std, geo),
+            _UNUSED if gamma is None else _vec64(gamma, geo), gamma is not None,
+            _vec64(count, geo))
+    dx = np.empty_like(x)
+    key = _key("input_grad_from_sums", geo, x, dy.flags.writeable)
+    if geo.kind == "rows":
+        run_kernel(_sk.rows_input_grad_from_sums, key, x.size, dy.reshape(geo.shape2),
+                   x.reshape(geo.shape2), *args, dx.reshape(geo.wide2),
+                   *geo.elementwise_args)
+    else:
+        run_kernel(_sk.planes_input_grad_from_sums, key, x.size, dy.reshape(geo.shape2),
+                   x.reshape(geo.shape2), *args, dx.reshape(geo.shape2),
+                   *geo.elementwise_args)
+    return dx
+
+
+def update_running(running_mean, running_var, count, mean, var, factor):
+    """`distbn.ops.batch_norm.update_running`, compiled for float32/float64 (C,) arrays."""
+    arrays = [a for a in (running_mean, running_var) if a is not None]
+    if not arrays or not all(type(a) is np.ndarray and a.dtype in _FLOATS and a.ndim == 1
+                             and a.flags.c_contiguous and a.flags.writeable
+                             for a in arrays):
+        return _ref.update_running(running_mean, running_var, count, mean, var, factor)
+    n = float(np.ravel(count)[0]) if np.size(count) else 0.0
+    if n <= 0:
+        return
+    mean = np.ravel(mean)
+    some = arrays[0]
+    _sk.update_running(some if running_mean is None else running_mean,
+                       some if running_var is None else running_var, running_mean is not None,
+                       running_var is not None, n, mean, np.ravel(var), float(factor))
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -12,23 +12,17 @@ from __future__ import annotations
 import numpy as np
 
 from distbn.ops.backend import kernels
-from distbn.ops.batch_norm import moments_from_sums, pack_moments, shifted_sums, unpack_moments
+from distbn.ops.batch_norm import (
+    CONDITION_LIMIT,
+    ill_conditioned,
+    moments_from_sums,
+    pack_moments,
+    shifted_sums,
+    unpack_moments,
+)
 
-__all__ = ["ill_conditioned", "pooled_moments", "pooled_moments_compiled",
-           "synchronized_backward", "synchronized_moments"]
-
-# Above this (mean - shift)² / (var + epsilon), the shifted float64 sums lose more than
-# about 1e-10 of the accuracy of var + epsilon, which is what the output depends on (the
-# loss is ~2^-53 times the ratio). Counting epsilon keeps constant channels (var = 0)
-# from triggering the corrective pass at every step.
-_CONDITION_LIMIT = 1e6
-
-
-def ill_conditioned(count, offset, var, epsilon) -> bool:
-    """Whether any channel's shifted variance may have lost accuracy to cancellation."""
-    seen = count > 0
-    return bool(np.any(seen & (np.square(offset) > _CONDITION_LIMIT * (var + epsilon))))
-
+__all__ = ["centred_var", "ill_conditioned", "pooled_moments", "pooled_moments_compiled",
+           "synchronized_backward", "synchronized_moments", "synchronized_train_forward"]
 
 def synchronized_moments(x, reduce_axes, mask, shift, epsilon, reduce):
     """Batch (mean, biased var, count) per channel over every replica, in float64.
@@ -61,11 +55,43 @@ def pooled_moments(count, local_mean, m2, shift, epsilon, reduce):
     total, s1, s2 = unpack_moments(reduce(pack_moments(count, s1, s2)))
     mean, var = moments_from_sums(total, s1, s2, shift)
     if ill_conditioned(total, mean - shift, var, epsilon):
-        # S2/N - (S1/N)² cancels when the shift is far from the mean: sum the exact
-        # centred sums M2_r + n_r (mean_r - mean)² instead.
-        centred = np.ascontiguousarray(m2 + count * np.square(local_mean - mean))
-        var = reduce(centred) / np.maximum(total, 1.0)
+        var = centred_var(count, local_mean, m2, mean, total, reduce)
     return mean, var, total
+
+
+def centred_var(count, local_mean, m2, mean, total, reduce):
+    """The global variance by the corrective pass (one more `reduce`).
+
+    S2/N − (S1/N)² cancels when the shift is far from the mean, so this sums the exact
+    centred sums M2_r + n_r (mean_r − mean)² over the replicas instead.
+    """
+    centred = np.ascontiguousarray(m2 + count * np.square(local_mean - mean))
+    return reduce(centred) / np.maximum(total, 1.0)
+
+
+def synchronized_train_forward(x, reduce_axes, shift, gamma, beta, epsilon, reduce):
+    """A synchronized training forward: the global statistics and the normalised x.
+
+    `synchronized_moments` then `normalize`, as two kernel calls around `reduce`
+    (`local_packed_sums`, `normalize_from_sums`; compiled in numba's backend); the
+    corrective second `reduce` when the shift is far from the mean, on every replica
+    alike.
+
+    Args:
+        x, reduce_axes, shift, epsilon, reduce: as `synchronized_moments` (no mask).
+        gamma, beta: float64 channel arrays, or None (scale 1, offset 0).
+
+    Returns:
+        (y, mean, var, count): y in x's dtype, float64 statistics over the global batch.
+    """
+    kern = kernels()
+    packed, count, local_mean, m2 = kern.local_packed_sums(x, reduce_axes, shift)
+    y, mean, var, total = kern.normalize_from_sums(x, reduce_axes, reduce(packed), shift,
+                                                   gamma, beta, epsilon)
+    if y is None:
+        var = centred_var(count, local_mean, m2, mean, total, reduce)
+        y = kern.normalize(x, mean, var, gamma, beta, epsilon, reduce_axes)
+    return y, mean, var, total
 
 
 _COMPILED = []
@@ -103,7 +129,7 @@ def _make_pooled_moments_compiled():
         mean = shift + dd
         var = np.maximum(ex2, 0.0)
         offset = mean - shift
-        if np.any((total > 0) & (np.square(offset) > _CONDITION_LIMIT * (var + epsilon))):
+        if np.any((total > 0) & (np.square(offset) > CONDITION_LIMIT * (var + epsilon))):
             centred = m2 + count * np.square(local_mean - mean)
             var = reduce(desc, centred) / n
         for i in range(c):
@@ -126,6 +152,10 @@ def synchronized_backward(dy, x, mean, inv_std, gamma, count, reduce_axes, mask,
     sums = kern.backward_sums(dy, x, mean, inv_std, reduce_axes)
     local = sums.copy()
     sums = reduce(sums)
-    dx = kern.input_grad(dy, x, mean, inv_std, gamma, sums[0], sums[1], count, reduce_axes,
-                         mask)
+    if mask is None:
+        dx = kern.input_grad_from_sums(dy, x, mean, inv_std, gamma, sums, count,
+                                       reduce_axes)
+    else:
+        dx = kern.input_grad(dy, x, mean, inv_std, gamma, sums[0], sums[1], count,
+                             reduce_axes, mask)
     return local, dx

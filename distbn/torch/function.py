@@ -128,23 +128,18 @@ class _Group:
 
 
 def _update_running(running_mean, running_var, count, mean, var, momentum):
-    """PyTorch's running-statistics update, in float64, written into the buffers.
+    """PyTorch's running-statistics update (`distbn.ops.batch_norm.update_running`:
+    unbiased variance of the global batch, untouched by an empty one), in the buffers.
 
-    `momentum` is PyTorch's exponential average factor (1/num_batches_tracked for the
-    cumulative average); the variance is the unbiased one of the global batch. An empty
-    global batch leaves the buffers untouched, as PyTorch does.
+    float32/float64 buffers are updated in place through numpy views; others through a
+    float64 copy written back (rounded to their dtype).
     """
-    n = float(count.flat[0]) if count.size else 0.0
-    if n <= 0:
-        return
-    for buffer, stat in ((running_mean, mean), (running_var, var * (n / (n - 1.0)))):
-        if buffer is None:
-            continue
-        if buffer.dtype in _NATIVE:  # in place through numpy, the arithmetic in float64
-            old = buffer.detach().numpy()
-            old[...] = (1.0 - momentum) * old.astype(_F64) + momentum * stat
-        else:
-            _assign(buffer, (1.0 - momentum) * _channel_f64(buffer) + momentum * stat)
+    views = [None if b is None else b.detach().numpy() if b.dtype in _NATIVE
+             else _channel_f64(b) for b in (running_mean, running_var)]
+    _ops.kernels().update_running(views[0], views[1], count, mean, var, momentum)
+    for buffer, view in zip((running_mean, running_var), views, strict=True):
+        if buffer is not None and buffer.dtype not in _NATIVE:
+            _assign(buffer, view)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -158,65 +153,41 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         work = x if in_dtype in _NATIVE else x.to(torch.float32)
         view, perm = _layout(work)
         xn = view.detach().numpy()
-        red = _reduce_axes(xn.ndim, perm)
-        gamma, beta = _channel_f64(weight), _channel_f64(bias)
-        kern = _ops.kernels()
-        if not batch_stats:  # running statistics: constants, no communication
-            mean, var, count = _channel_f64(running_mean), _channel_f64(running_var), None
-            y = kern.normalize(xn, mean, var, gamma, beta, eps, red)
-        elif group is None:
-            _check_values_per_channel(xn.size // max(x.shape[1], 1), x, 1)
-            # The fused one-call forward; its Keras-style moving update goes to scratch
-            # arrays (PyTorch's rule differs; they only stand in for an empty batch,
-            # whose output is empty).
-            y, count, mean, var = kern.train_forward(xn, red, None, gamma, beta, eps,
-                                                     np.zeros(x.shape[1]),
-                                                     np.ones(x.shape[1]), 1.0)
+        step = None
+        if batch_stats:
+            step = _fast_step(xn, perm, work.dtype, (weight, bias, running_mean, running_var),
+                              momentum, running_mean, running_var)
+        if step is not None:
+            y, mean, inv_std, count = _fast_forward(step, xn, perm, x, weight, bias,
+                                                    running_mean, running_var, momentum,
+                                                    eps, group)
+            red = gamma = None
         else:
-            # The shift must be the same on every replica: the running mean is (the
-            # buffers are broadcast by DDP), zeros without one.
-            shift = (np.zeros(x.shape[1]) if running_mean is None
-                     else _channel_f64(running_mean))
-            mean, var, count = _ops.synchronized_moments(xn, red, None, shift, eps,
-                                                         group.forward)
-            _check_values_per_channel(int(count.flat[0]), x, group.size)
-            if count.flat[0] == 0:  # no value anywhere: the output is empty everywhere
-                var = np.ones_like(var)
-            y = kern.normalize(xn, mean, var, gamma, beta, eps, red)
-        if batch_stats and momentum is not None:
-            _update_running(running_mean, running_var, count, mean, var, float(momentum))
+            y, mean, inv_std, count, red, gamma = _forward(
+                xn, perm, x, weight, bias, running_mean, running_var, batch_stats, momentum,
+                eps, group)
         _restore_threads(threads)
-        ctx.save_for_backward(work)
+        ctx.save_for_backward(work, weight)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.meta = (perm, red, mean, _ops.inverse_std(var, eps), gamma, count, group,
-                    in_dtype)
+        ctx.meta = (perm, red, mean, inv_std, gamma, count, group, in_dtype, step, xn)
         out = _from_layout(y, perm)
         return out if in_dtype in _NATIVE else out.to(in_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         threads = torch.get_num_threads()
-        (work,) = ctx.saved_tensors
-        perm, red, mean, inv_std, gamma, count, group, in_dtype = ctx.meta
-        xn = _as_layout(work, perm).detach().numpy()
+        work, weight = ctx.saved_tensors  # checks that neither changed in place since
+        perm, red, mean, inv_std, gamma, count, group, in_dtype, step, xn = ctx.meta
         dyn = _as_layout(dy if dy.dtype == work.dtype else dy.to(work.dtype), perm).numpy()
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
-        kern = _ops.kernels()
-        sums = dx = None
-        if count is None:  # running statistics: the affine map
-            if need_w or need_b:
-                sums = kern.backward_sums(dyn, xn, mean, inv_std, red)
-            if need_dx:
-                dx = kern.input_grad(dyn, xn, mean, inv_std, gamma, None, None, None, red)
-        elif group is None:
-            if need_dx:
-                sums, dx = kern.train_backward(dyn, xn, mean, inv_std, gamma, count, red)
-            elif need_w or need_b:
-                sums = kern.backward_sums(dyn, xn, mean, inv_std, red)
-        else:  # every replica joins the collective, whatever it needs
-            sums, dx = _ops.synchronized_backward(dyn, xn, mean, inv_std, gamma, count, red,
-                                                  None, group.backward)
+        if step is not None:
+            gn = None if weight is None else weight.detach().numpy()
+            sums, dx = _fast_backward(step, dyn, xn, mean, inv_std, gn, count, group,
+                                      need_dx, need_w or need_b)
+        else:
+            sums, dx = _backward(dyn, xn, red, mean, inv_std, gamma, count, group, need_dx,
+                                 need_w or need_b)
         _restore_threads(threads)
         grad_x = grad_w = grad_b = None
         if need_dx:
@@ -229,6 +200,134 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if need_b:
             grad_b = _grad_tensor(sums[0], ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+# --- the prepared path: one compiled call per half (distbn.ops.step) ---------------------
+_STEPS: dict = {}  # (shape, layout, dtype) -> distbn.ops.step.TrainStep, or None
+_MAX_STEPS = 512
+
+
+def _fast_step(xn, perm, dtype, channel_tensors, momentum, running_mean, running_var):
+    """The prepared `TrainStep` for this batch-statistics call, or None (the general
+    path): numba's kernels, a fused view of x, and channel tensors of x's dtype (kept as
+    they are: numpy views, read and updated in place)."""
+    if _ops.backend_name() != "numba":
+        return None
+    if any(t is not None and t.dtype != dtype for t in channel_tensors):
+        return None
+    if momentum is not None and (running_mean is None) != (running_var is None):
+        return None
+    key = (xn.shape, perm, xn.dtype.char)
+    try:
+        return _STEPS[key]
+    except KeyError:
+        pass
+    from distbn.ops.step import train_step
+
+    if len(_STEPS) >= _MAX_STEPS:
+        _STEPS.clear()
+    _STEPS[key] = step = train_step(xn, _reduce_axes(xn.ndim, perm))
+    return step
+
+
+def _view(t):
+    return None if t is None else t.detach().numpy()
+
+
+def _fast_forward(step, xn, perm, x, weight, bias, running_mean, running_var, momentum,
+                  eps, group):
+    """(y, mean, inv_std, count) of a batch-statistics forward through `step`."""
+    gamma, beta = _view(weight), _view(bias)
+    rm = rv = None
+    factor = 0.0
+    if momentum is not None and running_mean is not None:
+        rm, rv, factor = running_mean.numpy(), running_var.numpy(), float(momentum)
+    if group is None:
+        _check_values_per_channel(xn.size // max(x.shape[1], 1), x, 1)
+        y, count, mean, _, inv_std = step.forward(xn, gamma, beta, eps, rm, rv, factor)
+        return y, mean, inv_std, count
+    # The shift must be the same on every replica: the running mean is (the buffers are
+    # broadcast by DDP), zeros without one.
+    shift = (np.zeros(x.shape[1]) if running_mean is None
+             else np.array(running_mean.numpy(), dtype=_F64))
+    packed, local_count, local_mean, m2 = step.local_sums(xn, shift)
+    summed = group.forward(packed)
+    _check_values_per_channel(int(summed[2, 0]), x, group.size)
+    y, mean, var, count, inv_std = step.finish_forward(xn, summed, shift, gamma, beta, eps,
+                                                       rm, rv, factor)
+    if y is None:  # ill-conditioned: the corrective pass, then the general steps
+        kern = _ops.kernels()
+        var = _ops.centred_var(local_count, local_mean, m2, mean, count, group.forward)
+        y = kern.normalize(xn, mean, var, gamma, beta, eps, _reduce_axes(xn.ndim, perm))
+        if rm is not None:
+            kern.update_running(rm, rv, count, mean, var, factor)
+        inv_std = _ops.inverse_std(var, eps)
+    return y, mean, inv_std, count
+
+
+def _fast_backward(step, dyn, xn, mean, inv_std, gamma, count, group, need_dx, need_sums):
+    """(local sums, dx) of a batch-statistics backward through `step`."""
+    if group is None:
+        if need_dx:
+            return step.backward(dyn, xn, mean, inv_std, gamma, count)
+        return (step.grad_sums(dyn, xn, mean, inv_std) if need_sums else None), None
+    # every replica joins the collective, whatever it needs
+    local = step.grad_sums(dyn, xn, mean, inv_std)
+    summed = group.backward(local.copy())
+    return local, step.input_grad(dyn, xn, summed, mean, inv_std, gamma, count)
+
+
+# --- the general path: distbn.ops' functions ---------------------------------------------
+def _forward(xn, perm, x, weight, bias, running_mean, running_var, batch_stats, momentum,
+             eps, group):
+    """(y, mean, inv_std, count, reduce axes, float64 gamma) through `distbn.ops`."""
+    red = _reduce_axes(xn.ndim, perm)
+    gamma, beta = _channel_f64(weight), _channel_f64(bias)
+    kern = _ops.kernels()
+    if not batch_stats:  # running statistics: constants, no communication
+        mean, var, count = _channel_f64(running_mean), _channel_f64(running_var), None
+        y = kern.normalize(xn, mean, var, gamma, beta, eps, red)
+    elif group is None:
+        _check_values_per_channel(xn.size // max(x.shape[1], 1), x, 1)
+        # The fused one-call forward; its Keras-style moving update goes to scratch
+        # arrays (PyTorch's rule differs; they only stand in for an empty batch,
+        # whose output is empty).
+        y, count, mean, var = kern.train_forward(xn, red, None, gamma, beta, eps,
+                                                 np.zeros(x.shape[1]),
+                                                 np.ones(x.shape[1]), 1.0)
+    else:
+        # The shift must be the same on every replica: the running mean is (the
+        # buffers are broadcast by DDP), zeros without one.
+        shift = (np.zeros(x.shape[1]) if running_mean is None
+                 else _channel_f64(running_mean))
+        y, mean, var, count = _ops.synchronized_train_forward(xn, red, shift, gamma, beta,
+                                                              eps, group.forward)
+        _check_values_per_channel(int(count.flat[0]), x, group.size)
+        if count.flat[0] == 0:  # no value anywhere: the output is empty everywhere
+            var = np.ones_like(var)
+    if batch_stats and momentum is not None:
+        _update_running(running_mean, running_var, count, mean, var, float(momentum))
+    return y, mean, _ops.inverse_std(var, eps), count, red, gamma
+
+
+def _backward(dyn, xn, red, mean, inv_std, gamma, count, group, need_dx, need_sums):
+    """(local sums, dx) through `distbn.ops`."""
+    kern = _ops.kernels()
+    sums = dx = None
+    if count is None:  # running statistics: the affine map
+        if need_sums:
+            sums = kern.backward_sums(dyn, xn, mean, inv_std, red)
+        if need_dx:
+            dx = kern.input_grad(dyn, xn, mean, inv_std, gamma, None, None, None, red)
+    elif group is None:
+        if need_dx:
+            sums, dx = kern.train_backward(dyn, xn, mean, inv_std, gamma, count, red)
+        elif need_sums:
+            sums = kern.backward_sums(dyn, xn, mean, inv_std, red)
+    else:  # every replica joins the collective, whatever it needs
+        sums, dx = _ops.synchronized_backward(dyn, xn, mean, inv_std, gamma, count, red,
+                                              None, group.backward)
+    return sums, dx
 
 
 def sync_batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
