@@ -6,7 +6,7 @@ import itertools
 
 from distbn.distribute import get_strategy
 from distbn.torch._import import require_torch
-from distbn.torch.function import sync_batch_norm
+from distbn.torch.function import SyncBatchNormFunction, SyncGroup
 
 torch = require_torch()
 _BatchNorm = torch.nn.modules.batchnorm._BatchNorm
@@ -19,17 +19,31 @@ _labels = itertools.count()
 
 
 class _StrategyRef:
-    """Holds a module's strategy: shared by deep copies; pickled as "the current one"."""
+    """Holds a module's strategy: shared by deep copies; pickled as "the current one".
 
-    __slots__ = ("strategy",)
+    It also keeps the module's `SyncGroup` (made on the first training call), so neither
+    a deep copy nor a pickle carries a strategy of its own.
+    """
+
+    __slots__ = ("strategy", "_group")
 
     def __init__(self, strategy):
         self.strategy = strategy
+        self._group = None
 
     def get(self):
         if self.strategy is None:  # unpickled: the strategy of the loading process
             self.strategy = get_strategy()
         return self.strategy
+
+    def group(self, label):
+        """The strategy's `SyncGroup` under `label`, or None for a group of one."""
+        strategy = self.get()
+        cached = self._group
+        if cached is None or cached[0] is not strategy or cached[1] != label:
+            group = SyncGroup(strategy, label) if strategy.sync_group_size > 1 else None
+            self._group = cached = (strategy, label, group)
+        return cached[2]
 
     def __deepcopy__(self, memo):
         return self
@@ -91,20 +105,25 @@ class SyncBatchNorm(_BatchNorm):
         if input.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels on axis 1, got an "
                              f"input of shape {tuple(input.shape)}")
-        if input.device.type != "cpu":
+        if not input.is_cpu:
             raise ValueError("distbn.torch.SyncBatchNorm runs on CPU tensors, got an "
                              f"input on {input.device}")
-        # PyTorch's _BatchNorm.forward, step by step.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
+        # PyTorch's _BatchNorm.forward, step by step; parameters and buffers read from
+        # their dicts once (each attribute read is a Python __getattr__ call).
+        buffers, params = self._buffers, self._parameters
+        training, momentum = self.training, self.momentum
+        factor = 0.0 if momentum is None else momentum
+        tracked = buffers.get("num_batches_tracked")
+        if training and self.track_running_stats and tracked is not None:
+            tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(tracked)
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
         # Only training synchronizes: eval with batch statistics is local, as in PyTorch.
-        strategy = self.strategy if self.training else None
-        return sync_batch_norm(input, self.running_mean if keep else None,
-                               self.running_var if keep else None, self.weight, self.bias,
-                               batch_stats, factor, self.eps, strategy=strategy,
-                               name=self._label)
+        group = self._strategy_ref.group(self._label) if training else None
+        return SyncBatchNormFunction.apply(input, params.get("weight"), params.get("bias"),
+                                           running_mean, running_var, batch_stats, factor,
+                                           float(self.eps), group)

@@ -22,10 +22,15 @@ from distbn.torch._import import require_torch
 
 torch = require_torch()
 
-__all__ = ["sync_batch_norm"]
+__all__ = ["SyncBatchNormFunction", "SyncGroup", "sync_batch_norm"]
 
 _F64 = np.float64
 _NATIVE = (torch.float32, torch.float64)  # computed as they are; others in float32
+
+
+# The channels-last order of each input rank, (N, ..., C), and its inverse.
+_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+_INVERSE = {p: tuple(int(i) for i in np.argsort(p)) for p in _LAST.values()}
 
 
 def _layout(t):
@@ -33,8 +38,8 @@ def _layout(t):
     the tensor's own order), so `view.numpy()` is a zero-copy C-contiguous array."""
     if t.is_contiguous():
         return t, None
-    if t.dim() > 2:
-        perm = (0, *range(2, t.dim()), 1)
+    perm = _LAST.get(t.dim())
+    if perm is not None:
         view = t.permute(perm)
         if view.is_contiguous():
             return view, perm
@@ -54,10 +59,7 @@ def _from_layout(a, perm):
     being a torch view, so in-place ops on the output (ReLU(inplace=True)) are allowed.
     """
     if perm is not None:
-        inverse = [0] * len(perm)
-        for i, p in enumerate(perm):
-            inverse[p] = i
-        a = np.transpose(a, inverse)
+        a = a.transpose(_INVERSE[perm])
     return torch.from_numpy(a)
 
 
@@ -111,8 +113,8 @@ def _restore_threads(threads):
         torch.set_num_threads(threads)
 
 
-class _Group:
-    """The sync group's all-reduce for one call: a strategy, a label, the size."""
+class SyncGroup:
+    """A module's sync-group all-reduces: a strategy, a label, the group's size."""
 
     __slots__ = ("strategy", "name", "size")
 
@@ -142,8 +144,14 @@ def _update_running(running_mean, running_var, count, mean, var, momentum):
             _assign(buffer, view)
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """y = BN(x) over the sync group; backward through the global batch statistics."""
+class SyncBatchNormFunction(torch.autograd.Function):
+    """y = BN(x) over the sync group; backward through the global batch statistics.
+
+    `apply(x, weight, bias, running_mean, running_var, batch_stats, factor, eps, group)`:
+    `sync_batch_norm`'s arguments after its checks (`factor` PyTorch's exponential
+    average factor or None, `group` a `SyncGroup` or None for local statistics); the
+    module calls it directly.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, batch_stats, momentum,
@@ -213,8 +221,9 @@ def _fast_step(xn, perm, dtype, channel_tensors, momentum, running_mean, running
     they are: numpy views, read and updated in place)."""
     if _ops.backend_name() != "numba":
         return None
-    if any(t is not None and t.dtype != dtype for t in channel_tensors):
-        return None
+    for t in channel_tensors:
+        if t is not None and t.dtype != dtype:
+            return None
     if momentum is not None and (running_mean is None) != (running_var is None):
         return None
     key = (xn.shape, perm, xn.dtype.char)
@@ -352,11 +361,11 @@ def sync_batch_norm(x, running_mean, running_var, weight=None, bias=None, traini
     """
     group = None
     if training and strategy is not None and strategy.sync_group_size > 1:
-        group = _Group(strategy, name)
+        group = SyncGroup(strategy, name)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("sync_batch_norm: training=False needs running_mean and "
                          f"running_var, got {type(running_mean).__name__} and "
                          f"{type(running_var).__name__}")
-    y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
+    y = SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
                                      bool(training), momentum, float(eps), group)
     return y
