@@ -6,7 +6,8 @@ paired samples (`distbn.torch.bench.measure`). At N ranks: synchronized over eve
 vs replica-local (`sync_group=1`), the slowest rank's time per sample
 (`distbn.torch.bench.measure_sync`), and a DDP training step of the example ResNet with
 distbn's synchronized BN vs PyTorch's replica-local BN (`measure_resnet_step`, from a
-checkout). Without torch the suite records nothing and says so.
+checkout; the full profile also times distbn's BN replica-local and the model without
+BN, which split the ratio). Without torch the suite records nothing and says so.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def run(ctx: Context) -> list[dict]:
                                  comm=ctx.comm)
         raw += bench.measure_resnet_step(global_batch=ctx.pick(64, 32, 4 * ctx.size),
                                          samples=samples, steps=ctx.pick(4, 2, 1),
-                                         warmup=ctx.pick(3, 2, 1), comm=ctx.comm)
+                                         warmup=ctx.pick(3, 2, 1), comm=ctx.comm,
+                                         breakdown=ctx.pick(True, False, False))
     records = []
     for rec in raw:
         params = dict(rec["params"])

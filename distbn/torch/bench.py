@@ -3,6 +3,7 @@
     python -m distbn.torch.bench [--shape 64,64,32,32] [--dtype float32] [--threads 1]
                                  [--samples 15] [--json]
     mpiexec -n 2 python -m mpi4py -m distbn.torch.bench [same options] [--resnet-steps 8]
+                                 [--resnet-breakdown]
 
 One process: each sample times forward+backward (`y = bn(x); y.backward(dy)`) of
 distbn's module (one replica) and PyTorch's, one after the other in alternating order,
@@ -190,15 +191,21 @@ def resnet_example():
 
 
 def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3, seed=0,
-                        comm=None):
+                        comm=None, breakdown=False):
     """Time a DDP training step of the example ResNet, synchronized BN vs PyTorch's local BN.
 
     Both models start from the same weights, are channels_last (as the example trains)
     and wrapped in DistributedDataParallel over the process group from
     `distbn.torch.init_process_group` (started here if none is). Each sample times
     `steps` SGD steps (forward, loss, backward with DDP's gradient all-reduce,
-    optimizer step) of one model after a barrier, the slowest rank's time; the two
-    models alternate which goes first. Collective over `comm`.
+    optimizer step) of one model after a barrier, the slowest rank's time; the models
+    alternate which goes first. Collective over `comm`; one rank works too (DDP over a
+    single process; "synchronized" is then distbn's module with one replica).
+
+    With `breakdown`, two more models share the alternation and split the ratio:
+    distbn's module replica-local (`sync_group=1`: the module's cost without the
+    collectives) and the ResNet without BatchNorm (every BatchNorm2d an Identity: what
+    the BN layers cost at all).
 
     Args:
         global_batch: samples per step over all ranks (each rank its contiguous shard).
@@ -208,6 +215,9 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
         warmup: untimed steps of each model first.
         seed: of the weights and the data.
         comm: the mpi4py communicator (default COMM_WORLD).
+        breakdown: also time the two models above; their medians (`distbn_local_ms`,
+            `no_bn_ms`) and ratios to PyTorch's local BN (`distbn_local_ratio`,
+            `no_bn_ratio`) join the record's params.
 
     Returns:
         One record (the same on every rank): value = median ratio of the synchronized
@@ -224,6 +234,8 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
         return []
     comm = MPI.COMM_WORLD if comm is None else comm
     strategy = MPIStrategy(comm)
+    local_strategy = MPIStrategy(comm, sync_group=1) if breakdown else None
+    names = ("sync", "local") + (("distbn_local", "no_bn") if breakdown else ())
     dist = torch.distributed
     started = not dist.is_initialized()
     if started:
@@ -240,11 +252,15 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
                     torch.randint(0, 10, (global_batch,), generator=gen)[rows])
                    for _ in range(4)]
         runs = {}
-        for name in ("sync", "local"):
+        for name in names:
             torch.manual_seed(seed)
             model = example.ResNet()
             if name == "sync":
                 model = convert_sync_batchnorm(model, strategy=strategy)
+            elif name == "distbn_local":
+                model = convert_sync_batchnorm(model, strategy=local_strategy)
+            elif name == "no_bn":
+                model = _without_batchnorm(model)
             model = torch.nn.parallel.DistributedDataParallel(
                 model.to(memory_format=torch.channels_last))
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -264,9 +280,9 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
 
         for name in runs:
             train(name, warmup)
-        times = {"sync": [], "local": []}
+        times = {name: [] for name in names}
         for i in range(samples):
-            for name in (("sync", "local") if i % 2 == 0 else ("local", "sync")):
+            for name in (names if i % 2 == 0 else names[::-1]):
                 comm.Barrier()
                 start = time.perf_counter()
                 train(name, steps)
@@ -277,8 +293,15 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
         if started:
             dist.destroy_process_group()
         strategy.close()
+        if local_strategy is not None:
+            local_strategy.close()
     ratios = [a / b for a, b in zip(times["sync"], times["local"], strict=True)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    extra = {}
+    for name in names[2:]:
+        extra[f"{name}_ms"] = 1e3 * statistics.median(times[name])
+        extra[f"{name}_ratio"] = statistics.median(
+            a / b for a, b in zip(times[name], times["local"], strict=True))
     return [{
         "name": "torch_resnet_step", "metric": "time_ratio_vs_local",
         "value": statistics.median(ratios), "unit": "ratio", "world_size": comm.size,
@@ -286,8 +309,17 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
                    "global_batch": global_batch, "threads": threads, "samples": samples,
                    "steps": steps, "sync_ms": 1e3 * statistics.median(times["sync"]),
                    "local_ms": 1e3 * statistics.median(times["local"]),
-                   "ratio_q1": q[0], "ratio_q3": q[2], "ratios": ratios},
+                   "ratio_q1": q[0], "ratio_q3": q[2], **extra, "ratios": ratios},
     }]
+
+
+def _without_batchnorm(model):
+    """`model` with every BatchNorm2d replaced by an Identity (in place)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, name, torch.nn.Identity())
+    return model
 
 
 def main(argv=None) -> int:
@@ -304,6 +336,9 @@ def main(argv=None) -> int:
                         "(0: skip it; default %(default)s)")
     p.add_argument("--global-batch", type=int, default=64,
                    help="the ResNet step's global batch (default %(default)s)")
+    p.add_argument("--resnet-breakdown", action="store_true",
+                   help="also time the ResNet with distbn's BN replica-local and without "
+                        "BN (at one rank too: DDP over one process)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     args = p.parse_args(argv)
     try:
@@ -324,11 +359,11 @@ def main(argv=None) -> int:
     world = launched_world_size()
     if world > 1:
         records = measure_sync(shape, args.dtype, args.threads, args.samples, args.calls)
-        if args.resnet_steps > 0:
-            records += measure_resnet_step(args.global_batch, args.threads, args.samples,
-                                           args.resnet_steps)
     else:
         records = measure(shape, args.dtype, args.threads, args.samples, args.calls)
+    if args.resnet_steps > 0 and (world > 1 or args.resnet_breakdown):
+        records += measure_resnet_step(args.global_batch, args.threads, args.samples,
+                                       args.resnet_steps, breakdown=args.resnet_breakdown)
     for r in records:
         r["params"]["malloc"] = malloc_setting()
     rank0 = world <= 1 or _rank() == 0
@@ -351,6 +386,10 @@ def main(argv=None) -> int:
                   f"{pr['sync_ms']:7.2f} ms   PyTorch's local BN {pr['local_ms']:7.2f} ms   "
                   f"ratio {r['value']:.3f} (quartiles {pr['ratio_q1']:.3f}-"
                   f"{pr['ratio_q3']:.3f})")
+            if "no_bn_ms" in pr:
+                print(f"    distbn's BN replica-local {pr['distbn_local_ms']:7.2f} ms (ratio "
+                      f"{pr['distbn_local_ratio']:.3f})   no BN {pr['no_bn_ms']:7.2f} ms "
+                      f"(ratio {pr['no_bn_ratio']:.3f})")
         elif world > 1:
             print(f"  {pr['layout']:<14} synchronized {pr['sync_ms']:7.2f} ms   "
                   f"replica-local {pr['local_ms']:7.2f} ms   ratio {r['value']:.3f} "

@@ -198,8 +198,12 @@ def test_bench_resnet_step_record_agrees_on_every_rank(comm):
     from distbn.torch.bench import measure_resnet_step
 
     records = measure_resnet_step(global_batch=2 * comm.size, samples=1, steps=1, warmup=1,
-                                  comm=comm)
-    every = comm.allgather([(r["name"], r["value"]) for r in records])
+                                  comm=comm, breakdown=True)
+    every = comm.allgather([(r["name"], r["value"], r["params"]["no_bn_ratio"])
+                            for r in records])
     assert all(e == every[0] for e in every)
     assert len(records) == 1 and records[0]["world_size"] == comm.size
-    assert records[0]["value"] > 0 and records[0]["params"]["sync_ms"] > 0
+    params = records[0]["params"]
+    assert records[0]["value"] > 0 and params["sync_ms"] > 0
+    for name in ("distbn_local", "no_bn"):
+        assert params[f"{name}_ms"] > 0 and params[f"{name}_ratio"] > 0
