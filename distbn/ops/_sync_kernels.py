@@ -6,7 +6,9 @@ around the collective (`distbn.ops.fused.local_packed_sums`, `normalize_from_sum
 `backward_sums`, `input_grad_from_sums`). Each call does what `distbn.ops.sync` did in
 several numpy steps of a few microseconds each, which at the small inputs of a
 network's later stages cost more than the passes over the data. The arithmetic is the
-numpy reference's, step for step (the same bits; tests/test_sync_compiled.py).
+numpy reference's, step for step (the same bits; tests/test_train_step.py). The last
+kernels are `distbn.ops.step.TrainStep`'s: one replica's forward and the synchronized
+forward's second half with PyTorch's running update and 1/√(var + ε) in the same call.
 
 Imported with `distbn.ops.fused`, only when numba is installed.
 """
