@@ -1,11 +1,18 @@
 """The autograd Function of distbn's PyTorch BatchNorm: where the collectives live.
 
-Tensors are seen as zero-copy numpy views and handed to `distbn.ops`: one replica runs
-the fused one-call kernels (`train_forward`, `train_backward`); a sync group of several
-replicas runs `ops.synchronized_moments` / `ops.synchronized_backward` with the
-strategy's `sync_all_reduce` as the all-reduce (one call forward, one backward). The
-running statistics follow PyTorch: `running = (1 - m) * running + m * stat` with the
-unbiased variance of the global batch.
+Tensors are seen as zero-copy numpy views and handed to `distbn.ops`, with the
+strategy's `sync_all_reduce` as the all-reduce of a sync group (one call forward, one
+backward; none with one replica). The running statistics follow PyTorch:
+`running = (1 - m) * running + m * stat` with the unbiased variance of the global batch.
+
+Two paths, the same results. The prepared one (numba's kernels, a fused view of x,
+parameters and buffers of x's dtype: the usual case) makes each half step one compiled
+call through a `distbn.ops.step.TrainStep` cached per input signature, two around a
+collective; at a ResNet's small inputs the Python steps between kernels, each several
+microseconds after a convolution's memory traffic, cost as much as the kernels. The
+general one (the numpy backend, float16 buffers, eval with running statistics, an empty
+shard) calls `kernels().train_forward/train_backward` or
+`ops.synchronized_train_forward/synchronized_backward`.
 
 Layouts: a contiguous (N, C, ...) tensor is viewed as is (channels first); a tensor
 whose (N, ..., C) permutation is contiguous (channels_last, channels_last_3d, or a
@@ -163,8 +170,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         xn = view.detach().numpy()
         step = None
         if batch_stats:
-            step = _fast_step(xn, perm, work.dtype, (weight, bias, running_mean, running_var),
-                              momentum, running_mean, running_var)
+            step = _fast_step(xn, perm, work.dtype, weight, bias, running_mean, running_var,
+                              momentum)
         if step is not None:
             y, mean, inv_std, count = _fast_forward(step, xn, perm, x, weight, bias,
                                                     running_mean, running_var, momentum,
@@ -190,7 +197,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dyn = _as_layout(dy if dy.dtype == work.dtype else dy.to(work.dtype), perm).numpy()
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
         if step is not None:
-            gn = None if weight is None else weight.detach().numpy()
+            gn = _numpy_view(weight)
             sums, dx = _fast_backward(step, dyn, xn, mean, inv_std, gn, count, group,
                                       need_dx, need_w or need_b)
         else:
@@ -215,13 +222,13 @@ _STEPS: dict = {}  # (shape, layout, dtype) -> distbn.ops.step.TrainStep, or Non
 _MAX_STEPS = 512
 
 
-def _fast_step(xn, perm, dtype, channel_tensors, momentum, running_mean, running_var):
+def _fast_step(xn, perm, dtype, weight, bias, running_mean, running_var, momentum):
     """The prepared `TrainStep` for this batch-statistics call, or None (the general
     path): numba's kernels, a fused view of x, and channel tensors of x's dtype (kept as
     they are: numpy views, read and updated in place)."""
     if _ops.backend_name() != "numba":
         return None
-    for t in channel_tensors:
+    for t in (weight, bias, running_mean, running_var):
         if t is not None and t.dtype != dtype:
             return None
     if momentum is not None and (running_mean is None) != (running_var is None):
@@ -239,14 +246,15 @@ def _fast_step(xn, perm, dtype, channel_tensors, momentum, running_mean, running
     return step
 
 
-def _view(t):
+def _numpy_view(t):
+    """A tensor's memory as a numpy array (no copy), or None."""
     return None if t is None else t.detach().numpy()
 
 
 def _fast_forward(step, xn, perm, x, weight, bias, running_mean, running_var, momentum,
                   eps, group):
     """(y, mean, inv_std, count) of a batch-statistics forward through `step`."""
-    gamma, beta = _view(weight), _view(bias)
+    gamma, beta = _numpy_view(weight), _numpy_view(bias)
     rm = rv = None
     factor = 0.0
     if momentum is not None and running_mean is not None:
