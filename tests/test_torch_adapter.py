@@ -103,9 +103,23 @@ def assert_same_state(a, b, atol):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=atol, msg=k)
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def kernels_backend(request, monkeypatch):
+    """Both adapter paths: numba's kernels take the prepared one (distbn.ops.step), the
+    numpy reference the general one (distbn.ops' functions)."""
+    import distbn.ops as ops
+
+    if request.param == "numba" and ops.backend_name() != "numba":
+        pytest.skip("numba kernels not active")
+    if request.param == "numpy":
+        monkeypatch.setattr(ops.backend, "_state", dict(ops.backend._state))
+        ops.set_backend("numpy")
+    return request.param
+
+
 @pytest.mark.parametrize("shape,fmt", CASES, ids=IDS)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_matches_torch_batchnorm_float64(shape, fmt, momentum):
+def test_matches_torch_batchnorm_float64(shape, fmt, momentum, kernels_backend):
     ours, theirs = pair(len(shape), momentum=momentum)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -193,7 +207,8 @@ def test_gradcheck_float64(fmt, training):
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-7)
 
 
-def test_mirror_strategy_runs_the_synchronized_path_with_one_collective_each_way():
+def test_mirror_strategy_runs_the_synchronized_path_with_one_collective_each_way(
+        kernels_backend):
     """Two identical replicas: statistics of the batch concatenated with itself."""
     strat = CountingStrategy(2)
     ours, theirs = pair(4, strategy=strat, momentum=None)
@@ -220,19 +235,11 @@ def test_mirror_strategy_runs_the_synchronized_path_with_one_collective_each_way
     assert strat.calls == []
 
 
-@pytest.mark.parametrize("backend", ["numba", "numpy"])
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
-def test_a_mean_far_from_the_shift_takes_the_corrective_pass(monkeypatch, fmt, backend):
+def test_a_mean_far_from_the_shift_takes_the_corrective_pass(fmt, kernels_backend):
     """Shifted float64 sums cancel when the batch mean is far from the running mean: a
     second forward all-reduce repairs the variance, and the result is still PyTorch's
     on the concatenated batch, on the prepared path and the general one."""
-    import distbn.ops as ops
-
-    if backend == "numba" and ops.backend_name() != "numba":
-        pytest.skip("numba kernels not active")
-    if backend == "numpy":
-        monkeypatch.setattr(ops.backend, "_state", dict(ops.backend._state))
-        ops.set_backend("numpy")
     strat = CountingStrategy(2)
     ours, theirs = pair(4, strategy=strat)
     gen = torch.Generator().manual_seed(11)
