@@ -540,11 +540,11 @@ def update_running(running_mean, running_var, count, mean, var, factor):
     n = float(np.ravel(count)[0]) if np.size(count) else 0.0
     if n <= 0:
         return
-    mean = np.ravel(mean)
-    some = arrays[0]
-    _sk.update_running(some if running_mean is None else running_mean,
-                       some if running_var is None else running_var, running_mean is not None,
-                       running_var is not None, n, mean, np.ravel(var), float(factor))
+    stand_in = arrays[0]  # for a missing array: passed, never written (its flag is off)
+    _sk.update_running(stand_in if running_mean is None else running_mean,
+                       stand_in if running_var is None else running_var,
+                       running_mean is not None, running_var is not None, n, np.ravel(mean),
+                       np.ravel(var), float(factor))
 
 
 # --- helpers ----------------------------------------------------------------------------

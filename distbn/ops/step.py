@@ -58,15 +58,17 @@ class TrainStep:
       `input_grad_from_sums`.
     """
 
-    __slots__ = ("_rows", "_view", "_out_view", "_blocks", "_elementwise", "_no_running",
-                 "_size", "_keys")
+    __slots__ = ("_rows", "_view", "_flat", "_out_view", "_blocks", "_elementwise",
+                 "_no_running", "_size", "_keys")
 
     def __init__(self, geo, x):
         self._rows = geo.kind == "rows"
         self._size = x.size
-        # The kernels' views: rows (R, C) and y's widened rows; planes (O, C, I) for the
-        # reductions and (O*C, I) for the elementwise passes.
+        # The kernels' views: `_view` for the reductions (rows (R, C), planes (O, C, I)),
+        # `_flat` for the elementwise passes' inputs (rows (R, C), planes (O*C, I)) and
+        # `_out_view` for their outputs (rows y's widened rows, planes (O*C, I)).
         self._view = geo.shape2 if self._rows else (geo.outer, geo.nch, geo.inner)
+        self._flat = geo.shape2
         self._out_view = geo.wide2 if self._rows else geo.shape2
         self._blocks = (geo.rows_per_block,) if self._rows else geo.reduce_blocks
         self._elementwise = geo.elementwise_args
@@ -113,15 +115,11 @@ class TrainStep:
         out = np.empty_like(x)
         kernel = (_sk.rows_finish_forward_running if self._rows
                   else _sk.planes_finish_forward_running)
-        # rows: y's widened view; planes: the (O*C, I) elementwise view.
         mean, var, total, inv_std, ill = run_kernel(
-            kernel, self._keys["finish"], self._size, x.reshape(self._out_view
-                                                                 if not self._rows
-                                                                 else self._view),
-            summed, shift, self._channel(gamma), self._channel(beta), epsilon,
-            gamma is not None, beta is not None, self._running(running_mean),
-            self._running(running_var), running_mean is not None, factor,
-            out.reshape(self._out_view), *self._elementwise)
+            kernel, self._keys["finish"], self._size, x.reshape(self._flat), summed, shift,
+            self._channel(gamma), self._channel(beta), epsilon, gamma is not None,
+            beta is not None, self._running(running_mean), self._running(running_var),
+            running_mean is not None, factor, out.reshape(self._out_view), *self._elementwise)
         return (None if ill else out), mean, var, total, inv_std
 
     def backward(self, dy, x, mean, inv_std, gamma, count):
@@ -146,10 +144,9 @@ class TrainStep:
 
     def input_grad(self, dy, x, summed, mean, inv_std, gamma, count):
         dx = np.empty_like(x)
-        view = self._view if self._rows else self._out_view
         kernel = (_sk.rows_input_grad_from_sums if self._rows
                   else _sk.planes_input_grad_from_sums)
-        run_kernel(kernel, self._keys["input_grad"], self._size, dy.reshape(view),
-                   x.reshape(view), summed, mean, inv_std, self._channel(gamma),
+        run_kernel(kernel, self._keys["input_grad"], self._size, dy.reshape(self._flat),
+                   x.reshape(self._flat), summed, mean, inv_std, self._channel(gamma),
                    gamma is not None, count, dx.reshape(self._out_view), *self._elementwise)
         return dx
