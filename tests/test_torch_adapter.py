@@ -143,6 +143,27 @@ def test_matches_torch_batchnorm_float64(shape, fmt, momentum, kernels_backend):
     assert int(ours.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("loss", ["sum", "square"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_strided_input_and_expanded_output_gradient(fmt, loss, kernels_backend):
+    """Tensors with no C-contiguous order are copied, not misread: a sliced input, and
+    the stride-0 output gradient that `y.sum()` sends back."""
+    ours, theirs = pair(4)
+    base = layout(torch.randn(4, 3, 6, 10, dtype=F64) * 2 + 1.5, fmt)
+    results = []
+    for module in (ours, theirs):
+        x = base.detach().requires_grad_(True)
+        y = module(x[:, :, 1::2, ::3])
+        y.register_hook(lambda g: results.append(g.stride()))
+        (y.sum() if loss == "sum" else (y * y).sum()).backward()
+        results.append((y, x.grad, module.weight.grad, module.bias.grad))
+    if loss == "sum":
+        assert 0 in results[0]  # the gradient reaching the module is expanded
+    for a, b in zip(results[1], results[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert_same_state(ours, theirs, 1e-12)
+
+
 @pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
 def test_affine_and_track_running_stats_options(affine, track):
     ours, theirs = pair(4, affine=affine, track_running_stats=track)

@@ -222,7 +222,9 @@ def run_kernel(kernel, key, size, *args):
     (numba issues #4807, #10128); under the lock one process compiles and saves, the
     others then load what it saved.
     """
-    if size < PARALLEL_MIN_ELEMS:
+    # (numba.get_num_threads costs a microsecond or more per call; with a pool of one
+    # thread there is nothing to switch)
+    if size < PARALLEL_MIN_ELEMS and numba.config.NUMBA_NUM_THREADS > 1:
         threads = numba.get_num_threads()
         if threads > 1:
             numba.set_num_threads(1)
