@@ -472,6 +472,34 @@ def test_cold_cache_concurrent_processes(tmp_path):
     assert len({o[0] for o in outs}) == 1
 
 
+@needs_numba
+def test_a_kernel_cached_over_a_cached_parallel_one_loads(tmp_path):
+    """numba issue #8578: one process caches rows_moments (parallel); the next compiles
+    rows_packed_sums, which calls it, loading rows_moments from the cache; a third
+    process that loads rows_packed_sums first crashed (segfault, numba 0.68.1) unless
+    the thread pool was started before: `fused.run_kernel` starts it. (An input of
+    PARALLEL_MIN_ELEMS elements: smaller ones used to start the pool by the way.)"""
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        from distbn.ops import fused
+        x = np.ones((fused.PARALLEL_MIN_ELEMS // 32, 32), dtype=np.float32)
+        if sys.argv[1] == "moments":
+            out = fused.local_mean_m2(x, (0,))[1]
+        else:
+            out = fused.local_packed_sums(x, (0,), np.zeros(32))[0][0]
+        print(repr(float(out.sum())), flush=True)
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), DISTBN_KERNELS="numba")
+    outs = []
+    for step in ("moments", "sums", "sums"):
+        proc = subprocess.run([sys.executable, "-c", script, step], env=env, text=True,
+                              capture_output=True, timeout=600)
+        assert proc.returncode == 0, (step, proc.returncode, proc.stderr[-2000:])
+        outs.append(float(proc.stdout))
+    rows = 131072 // 32
+    assert outs == [32.0, 32.0 * rows, 32.0 * rows]
+
+
 def test_widened_rows_compute_what_the_plain_rows_do(fused):
     """Elementwise kernels on rows of few channels run on (R/reps, reps*C) views with the
     channel vectors tiled: the same bits as the (R, C) kernels, masked rows unwidened."""

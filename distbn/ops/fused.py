@@ -221,6 +221,13 @@ def run_kernel(kernel, key, size, *args):
     and processes compiling the same kernel at once on a cold cache have crashed
     (numba issues #4807, #10128); under the lock one process compiles and saves, the
     others then load what it saved.
+
+    Before that first call numba's thread pool is started. A cached kernel that calls
+    a parallel one which was itself loaded from the cache when the outer one compiled
+    (rows_packed_sums over rows_moments, say) does not start the pool when it loads,
+    and its first parallel region then jumps through an unset pointer: a segfault
+    (numba issue #8578, reproduced with numba 0.68.1 in
+    tests/test_fused_kernels.py::test_a_kernel_cached_over_a_cached_parallel_one_loads).
     """
     # (numba.get_num_threads costs a microsecond or more per call; with a pool of one
     # thread there is nothing to switch)
@@ -234,6 +241,7 @@ def run_kernel(kernel, key, size, *args):
                 numba.set_num_threads(threads)
     if key in _ready:
         return kernel(*args)
+    numba.get_num_threads()  # starts the pool (numba's own fix for loads: _reload_parfor)
     start = time.perf_counter()
     with _file_lock(_lock_path(kernel)):
         locked = time.perf_counter()
