@@ -205,7 +205,9 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
     With `breakdown`, two more models share the alternation and split the ratio:
     distbn's module replica-local (`sync_group=1`: the module's cost without the
     collectives) and the ResNet without BatchNorm (every BatchNorm2d an Identity: what
-    the BN layers cost at all).
+    the BN layers cost at all); and the synchronized model's BN all-reduces are timed
+    (`_TimedCollectives`): the time a rank spends in them, waiting for the others
+    included.
 
     Args:
         global_batch: samples per step over all ranks (each rank its contiguous shard).
@@ -217,7 +219,9 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
         comm: the mpi4py communicator (default COMM_WORLD).
         breakdown: also time the two models above; their medians (`distbn_local_ms`,
             `no_bn_ms`) and ratios to PyTorch's local BN (`distbn_local_ratio`,
-            `no_bn_ratio`) join the record's params.
+            `no_bn_ratio`) join the record's params, with `sync_collectives_ms`: the
+            median per step of the time spent inside the synchronized model's BN
+            all-reduces, averaged over the ranks.
 
     Returns:
         One record (the same on every rank): value = median ratio of the synchronized
@@ -235,6 +239,8 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
     comm = MPI.COMM_WORLD if comm is None else comm
     strategy = MPIStrategy(comm)
     local_strategy = MPIStrategy(comm, sync_group=1) if breakdown else None
+    timed = _TimedCollectives(strategy) if breakdown else None
+    in_collectives = []  # per sample: seconds a step in the BN all-reduces, rank mean
     names = ("sync", "local") + (("distbn_local", "no_bn") if breakdown else ())
     dist = torch.distributed
     started = not dist.is_initialized()
@@ -256,7 +262,7 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
             torch.manual_seed(seed)
             model = example.ResNet()
             if name == "sync":
-                model = convert_sync_batchnorm(model, strategy=strategy)
+                model = convert_sync_batchnorm(model, strategy=timed or strategy)
             elif name == "distbn_local":
                 model = convert_sync_batchnorm(model, strategy=local_strategy)
             elif name == "no_bn":
@@ -284,10 +290,14 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
         for i in range(samples):
             for name in (names if i % 2 == 0 else names[::-1]):
                 comm.Barrier()
+                if timed is not None:
+                    timed.seconds = 0.0
                 start = time.perf_counter()
                 train(name, steps)
                 t = (time.perf_counter() - start) / steps
                 times[name].append(comm.allreduce(t, op=MPI.MAX))
+                if timed is not None and name == "sync":
+                    in_collectives.append(comm.allreduce(timed.seconds / steps) / comm.size)
     finally:
         _set_threads(old_threads)
         if started:
@@ -298,6 +308,8 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
     ratios = [a / b for a, b in zip(times["sync"], times["local"], strict=True)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     extra = {}
+    if in_collectives:
+        extra["sync_collectives_ms"] = 1e3 * statistics.median(in_collectives)
     for name in names[2:]:
         extra[f"{name}_ms"] = 1e3 * statistics.median(times[name])
         extra[f"{name}_ratio"] = statistics.median(
@@ -311,6 +323,25 @@ def measure_resnet_step(global_batch=64, threads=1, samples=9, steps=4, warmup=3
                    "local_ms": 1e3 * statistics.median(times["local"]),
                    "ratio_q1": q[0], "ratio_q3": q[2], **extra, "ratios": ratios},
     }]
+
+
+class _TimedCollectives:
+    """A strategy whose sync-group all-reduces are timed (`seconds`); the rest is the
+    wrapped strategy's. The time includes waiting for the slowest rank to arrive."""
+
+    def __init__(self, strategy):
+        self._strategy = strategy
+        self.seconds = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._strategy, name)
+
+    def sync_all_reduce(self, buf, name=None):
+        start = time.perf_counter()
+        try:
+            return self._strategy.sync_all_reduce(buf, name=name)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def _without_batchnorm(model):
@@ -390,6 +421,9 @@ def main(argv=None) -> int:
                 print(f"    distbn's BN replica-local {pr['distbn_local_ms']:7.2f} ms (ratio "
                       f"{pr['distbn_local_ratio']:.3f})   no BN {pr['no_bn_ms']:7.2f} ms "
                       f"(ratio {pr['no_bn_ratio']:.3f})")
+                if "sync_collectives_ms" in pr:
+                    print(f"    in the synchronized BN all-reduces (waits included, rank "
+                          f"mean) {pr['sync_collectives_ms']:7.2f} ms a step")
         elif world > 1:
             print(f"  {pr['layout']:<14} synchronized {pr['sync_ms']:7.2f} ms   "
                   f"replica-local {pr['local_ms']:7.2f} ms   ratio {r['value']:.3f} "
