@@ -40,8 +40,10 @@ _LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
 _INVERSE = {p: tuple(int(i) for i in np.argsort(p)) for p in _LAST.values()}
 
 
-def _numpy(t):
-    """A tensor's memory as a numpy array, no copy (numpy keeps torch's strides)."""
+def _numpy_view(t):
+    """A tensor's memory as a numpy array (no copy; numpy keeps torch's strides), or None."""
+    if t is None:
+        return None
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
@@ -52,7 +54,7 @@ def _layout(t):
     The permutation is numpy's: a torch `permute` of a tensor that requires grad costs
     several microseconds more (a view tracked by autograd), at every layer and step.
     """
-    a = _numpy(t)
+    a = _numpy_view(t)
     if a.flags.c_contiguous:
         return a, None
     perm = _LAST.get(a.ndim)
@@ -66,7 +68,9 @@ def _layout(t):
 def _as_layout(t, perm):
     """`t` (x's shape) as a C-contiguous numpy array in the order `perm`; a copy only if
     needed."""
-    a = _numpy(t) if perm is None else _numpy(t).transpose(perm)
+    a = _numpy_view(t)
+    if perm is not None:
+        a = a.transpose(perm)
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
@@ -254,11 +258,6 @@ def _fast_step(xn, perm, dtype, weight, bias, running_mean, running_var, momentu
         _STEPS.clear()
     _STEPS[key] = step = train_step(xn, _reduce_axes(xn.ndim, perm))
     return step
-
-
-def _numpy_view(t):
-    """A tensor's memory as a numpy array (no copy), or None."""
-    return None if t is None else t.detach().numpy()
 
 
 def _fast_forward(step, xn, perm, x, weight, bias, running_mean, running_var, momentum,
